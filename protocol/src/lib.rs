@@ -1,0 +1,13 @@
+//! Pure data shared by the recorder and the replayer: the log records, the
+//! framing of the append-only log stream, and the x86_64 syscall model.
+//!
+//! This crate owns no I/O: it turns records into bytes and bytes into
+//! validated records. Reading files, mapping memory and talking to the kernel
+//! belong to `hotstandby-recorder` and `hotstandby-replayer`.
+
+pub mod frame;
+pub mod record;
+pub mod sysmodel;
+
+pub use frame::{FrameError, FrameReader, FILE_HEADER_LEN, MAGIC, VERSION};
+pub use record::{Event, Identity, MemWrite, Mode, Record, SyscallEvent, Trailer};

@@ -1,0 +1,299 @@
+//! A log directory on disk: `events.hsl` holds the framed record stream
+//! (see `hotstandby_protocol::frame`), `data-start/` optionally holds a copy
+//! of the program's data directory as it was when recording began.
+//!
+//! The writer only appends; a reader maps the file and sees every complete
+//! frame written so far, so a log can be read while it is being written.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use hotstandby_protocol::frame::{self, FrameError, FrameReader};
+use hotstandby_protocol::record::{ArchivedRecord, Event, Identity, Record, Trailer};
+use memmap2::Mmap;
+use rkyv::rancor;
+use thiserror::Error;
+
+/// Name of the record stream inside a log directory.
+pub const STREAM: &str = "events.hsl";
+/// Name of the data-directory snapshot inside a log directory.
+pub const DATA_START: &str = "data-start";
+
+/// Errors of log files.
+#[derive(Debug, Error)]
+pub enum LogError {
+    /// The log directory or its stream could not be opened or written.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    /// The directory is not an empty or new log directory.
+    #[error("{path} already holds a log; choose a new directory or remove it")]
+    Exists { path: PathBuf },
+    /// The bytes are not a sound log.
+    #[error("{path}: {source}")]
+    Corrupt { path: PathBuf, source: FrameError },
+    /// The first record is not a header.
+    #[error("{path}: the first record is not a program header")]
+    NoHeader { path: PathBuf },
+}
+
+/// Appends records to a new log directory.
+#[derive(Debug)]
+pub struct LogWriter {
+    path: PathBuf,
+    file: File,
+    buf: Vec<u8>,
+    seq: u64,
+    written: u64,
+    events: u64,
+}
+
+impl LogWriter {
+    /// Create `dir` (owner-only) and start its stream with `identity`.
+    pub fn create(dir: &Path, identity: &Identity) -> Result<Self, LogError> {
+        let io = |source| LogError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        let path = dir.join(STREAM);
+        if path.exists() {
+            return Err(LogError::Exists {
+                path: dir.to_path_buf(),
+            });
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| LogError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let mut w = Self {
+            path,
+            file,
+            buf: frame::file_header().to_vec(),
+            seq: 0,
+            written: 0,
+            events: 0,
+        };
+        w.append(&Record::Header(identity.clone()))?;
+        w.flush()?;
+        Ok(w)
+    }
+
+    /// Append one record (buffered).
+    pub fn append(&mut self, rec: &Record) -> Result<(), LogError> {
+        // Frames must start 16-aligned relative to the stream start.
+        debug_assert_eq!((self.written as usize + self.buf.len()) % frame::ALIGN, 0);
+        let base = self.buf.len();
+        // encode_frame asserts alignment of the vector it appends to; the
+        // buffer always starts at an aligned stream offset.
+        let mut tmp = std::mem::take(&mut self.buf);
+        if base % frame::ALIGN != 0 {
+            unreachable!("buffer is kept aligned");
+        }
+        frame::encode_frame(&mut tmp, self.seq, rec);
+        self.buf = tmp;
+        self.seq += 1;
+        if matches!(rec, Record::Event(_)) {
+            self.events += 1;
+        }
+        if self.buf.len() >= 256 * 1024 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Append one event.
+    pub fn event(&mut self, ev: Event) -> Result<(), LogError> {
+        self.append(&Record::Event(ev))
+    }
+
+    /// Write buffered frames to the file (so readers see them).
+    pub fn flush(&mut self) -> Result<(), LogError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all(&self.buf)
+            .map_err(|source| LogError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Write the trailer, flush and sync.
+    pub fn finish(mut self, exit_status: i32) -> Result<u64, LogError> {
+        let events = self.events;
+        self.append(&Record::Trailer(Trailer {
+            events,
+            exit_status,
+            end_unix_ns: now_unix_ns(),
+        }))?;
+        self.flush()?;
+        self.file.sync_all().map_err(|source| LogError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(events)
+    }
+
+    /// Events appended so far.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Bytes in the stream so far (flushed or not).
+    pub fn bytes(&self) -> u64 {
+        self.written + self.buf.len() as u64
+    }
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A mapped log stream.
+#[derive(Debug)]
+pub struct LogReader {
+    path: PathBuf,
+    map: Option<Mmap>,
+}
+
+impl LogReader {
+    /// Map `dir/events.hsl`.
+    pub fn open(dir: &Path) -> Result<Self, LogError> {
+        let path = dir.join(STREAM);
+        let f = File::open(&path).map_err(|source| LogError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let len = f
+            .metadata()
+            .map_err(|source| LogError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        let map = if len == 0 {
+            None
+        } else {
+            // SAFETY: the file is only ever appended to (never truncated or
+            // rewritten in place) by a LogWriter, so the mapped prefix stays
+            // valid; every frame is checksummed and validated before use.
+            Some(unsafe { Mmap::map(&f) }.map_err(|source| LogError::Io {
+                path: path.clone(),
+                source,
+            })?)
+        };
+        Ok(Self { path, map })
+    }
+
+    /// The stream's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    /// Path of the stream file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn corrupt(&self, source: FrameError) -> LogError {
+        LogError::Corrupt {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Validate the whole stream and return its parts (owned).
+    pub fn load(&self) -> Result<LoadedLog, LogError> {
+        let mut reader = FrameReader::new(self.bytes()).map_err(|e| self.corrupt(e))?;
+        let first = match reader.next() {
+            Some(f) => f.map_err(|e| self.corrupt(e))?,
+            None => {
+                return Err(LogError::NoHeader {
+                    path: self.path.clone(),
+                })
+            }
+        };
+        let identity = match first.record().map_err(|e| self.corrupt(e))? {
+            ArchivedRecord::Header(h) => {
+                rkyv::deserialize::<Identity, rancor::Error>(h).expect("validated")
+            }
+            _ => {
+                return Err(LogError::NoHeader {
+                    path: self.path.clone(),
+                })
+            }
+        };
+        let mut events = Vec::new();
+        let mut offsets = Vec::new();
+        let mut trailer = None;
+        for f in reader {
+            let f = f.map_err(|e| self.corrupt(e))?;
+            match f.record().map_err(|e| self.corrupt(e))? {
+                ArchivedRecord::Event(e) => {
+                    if trailer.is_some() {
+                        return Err(self.corrupt(FrameError::Invalid {
+                            seq: f.seq,
+                            offset: f.offset,
+                            reason: "event after the trailer".into(),
+                        }));
+                    }
+                    events.push(rkyv::deserialize::<Event, rancor::Error>(e).expect("validated"));
+                    offsets.push(f.offset as u64);
+                }
+                ArchivedRecord::Trailer(t) => {
+                    trailer =
+                        Some(rkyv::deserialize::<Trailer, rancor::Error>(t).expect("validated"));
+                }
+                ArchivedRecord::Header(_) => {
+                    return Err(self.corrupt(FrameError::Invalid {
+                        seq: f.seq,
+                        offset: f.offset,
+                        reason: "a second header".into(),
+                    }))
+                }
+            }
+        }
+        Ok(LoadedLog {
+            identity,
+            events,
+            offsets,
+            trailer,
+            bytes: self.bytes().len() as u64,
+        })
+    }
+}
+
+/// A whole log, validated and deserialised.
+#[derive(Debug)]
+pub struct LoadedLog {
+    pub identity: Identity,
+    pub events: Vec<Event>,
+    /// Byte offset of each event's frame.
+    pub offsets: Vec<u64>,
+    pub trailer: Option<Trailer>,
+    pub bytes: u64,
+}
+
+/// Load a log directory.
+pub fn load(dir: &Path) -> Result<LoadedLog, LogError> {
+    LogReader::open(dir)?.load()
+}

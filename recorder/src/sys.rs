@@ -1,0 +1,365 @@
+//! The only place in the recorder that talks to the kernel with raw calls:
+//! ptrace register and memory access, signals to single threads, the
+//! pre-exec set-up of a tracee, rdtsc. Each `unsafe` block says why it holds.
+//!
+//! This module knows nothing of recording or replay (mechanism, not policy).
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use nix::sys::ptrace;
+use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+use nix::unistd::Pid;
+use thiserror::Error;
+
+/// Errors of raw tracee access.
+#[derive(Debug, Error)]
+pub enum SysError {
+    /// The thread is gone (ESRCH): it died or was never ours.
+    #[error("thread {tid} died")]
+    Died { tid: i32 },
+    /// Any other failed kernel call.
+    #[error("{what} for thread {tid}: {source}")]
+    Os {
+        what: &'static str,
+        tid: i32,
+        source: nix::Error,
+    },
+    /// Reading or writing the tracee's memory failed.
+    #[error("memory access at {addr:#x} ({len} bytes) in {tid}: {source}")]
+    Mem {
+        tid: i32,
+        addr: u64,
+        len: usize,
+        source: io::Error,
+    },
+}
+
+fn os(what: &'static str, tid: i32, e: nix::Error) -> SysError {
+    if e == nix::Error::ESRCH {
+        SysError::Died { tid }
+    } else {
+        SysError::Os {
+            what,
+            tid,
+            source: e,
+        }
+    }
+}
+
+/// Registers of a stopped thread.
+pub type Regs = libc::user_regs_struct;
+
+pub fn get_regs(tid: i32) -> Result<Regs, SysError> {
+    ptrace::getregs(Pid::from_raw(tid)).map_err(|e| os("PTRACE_GETREGS", tid, e))
+}
+
+pub fn set_regs(tid: i32, regs: &Regs) -> Result<(), SysError> {
+    ptrace::setregs(Pid::from_raw(tid), *regs).map_err(|e| os("PTRACE_SETREGS", tid, e))
+}
+
+pub fn cont(tid: i32, sig: i32) -> Result<(), SysError> {
+    let s = signal_opt(sig);
+    ptrace::cont(Pid::from_raw(tid), s).map_err(|e| os("PTRACE_CONT", tid, e))
+}
+
+pub fn syscall(tid: i32, sig: i32) -> Result<(), SysError> {
+    let s = signal_opt(sig);
+    ptrace::syscall(Pid::from_raw(tid), s).map_err(|e| os("PTRACE_SYSCALL", tid, e))
+}
+
+fn signal_opt(sig: i32) -> Option<nix::sys::signal::Signal> {
+    if sig == 0 {
+        None
+    } else {
+        nix::sys::signal::Signal::try_from(sig).ok()
+    }
+}
+
+pub fn event_msg(tid: i32) -> Result<u64, SysError> {
+    ptrace::getevent(Pid::from_raw(tid))
+        .map(|v| v as u64)
+        .map_err(|e| os("PTRACE_GETEVENTMSG", tid, e))
+}
+
+/// The siginfo of a signal-delivery-stop as the kernel's 128 raw bytes.
+pub fn get_siginfo(tid: i32) -> Result<[u8; 128], SysError> {
+    let si = ptrace::getsiginfo(Pid::from_raw(tid)).map_err(|e| os("PTRACE_GETSIGINFO", tid, e))?;
+    let mut out = [0u8; 128];
+    // SAFETY: siginfo_t is a 128-byte plain-old-data struct on x86_64; we
+    // copy exactly its size out of a valid, initialised value.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            &si as *const libc::siginfo_t as *const u8,
+            out.as_mut_ptr(),
+            128,
+        );
+    }
+    Ok(out)
+}
+
+/// Replace the siginfo of a pending signal-delivery-stop.
+pub fn set_siginfo(tid: i32, raw: &[u8]) -> Result<(), SysError> {
+    let mut buf = [0u8; 128];
+    let n = raw.len().min(128);
+    buf[..n].copy_from_slice(&raw[..n]);
+    // SAFETY: any 128 bytes are a valid siginfo_t bit pattern (integers and
+    // unions of integers); the buffer is exactly that size.
+    let si: libc::siginfo_t =
+        unsafe { std::ptr::read_unaligned(buf.as_ptr() as *const libc::siginfo_t) };
+    ptrace::setsiginfo(Pid::from_raw(tid), &si).map_err(|e| os("PTRACE_SETSIGINFO", tid, e))
+}
+
+/// si_code of raw siginfo bytes.
+pub fn si_code(raw: &[u8]) -> i32 {
+    i32::from_le_bytes(raw[8..12].try_into().expect("siginfo has 128 bytes"))
+}
+
+/// Send `sig` to one thread.
+pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> Result<(), SysError> {
+    // SAFETY: tgkill takes plain integers and touches no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid, sig) };
+    if r < 0 {
+        return Err(os("tgkill", tid, nix::Error::last()));
+    }
+    Ok(())
+}
+
+/// Read `len` bytes of the tracee's memory.
+pub fn read_mem(tid: i32, addr: u64, len: usize) -> Result<Vec<u8>, SysError> {
+    let mut buf = vec![0u8; len];
+    if len == 0 {
+        return Ok(buf);
+    }
+    let remote = [RemoteIoVec {
+        base: addr as usize,
+        len,
+    }];
+    let mut local = [io::IoSliceMut::new(&mut buf)];
+    match process_vm_readv(Pid::from_raw(tid), &mut local, &remote) {
+        Ok(n) if n == len => return Ok(buf),
+        _ => {}
+    }
+    // Fall back to /proc/PID/mem, which also reads pages that are not
+    // readable by the program itself.
+    let f = File::open(format!("/proc/{tid}/mem")).map_err(|source| SysError::Mem {
+        tid,
+        addr,
+        len,
+        source,
+    })?;
+    f.read_exact_at(&mut buf, addr)
+        .map_err(|source| SysError::Mem {
+            tid,
+            addr,
+            len,
+            source,
+        })?;
+    Ok(buf)
+}
+
+/// Read a NUL-terminated string (at most `max` bytes) from the tracee.
+pub fn read_cstr(tid: i32, addr: u64, max: usize) -> Result<Vec<u8>, SysError> {
+    let mut out = Vec::new();
+    let mut a = addr;
+    while out.len() < max {
+        // Do not cross a page boundary in one read: the next page may be unmapped.
+        let to_page = 4096 - (a as usize % 4096);
+        let chunk = read_mem(tid, a, to_page.min(max - out.len()))?;
+        if let Some(p) = chunk.iter().position(|b| *b == 0) {
+            out.extend_from_slice(&chunk[..p]);
+            return Ok(out);
+        }
+        a += chunk.len() as u64;
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Write bytes into the tracee's memory (through /proc/PID/mem, which
+/// ignores page protections as the kernel's own writes would).
+pub fn write_mem(tid: i32, addr: u64, data: &[u8]) -> Result<(), SysError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{tid}/mem"))
+        .map_err(|source| SysError::Mem {
+            tid,
+            addr,
+            len: data.len(),
+            source,
+        })?;
+    f.write_all_at(data, addr).map_err(|source| SysError::Mem {
+        tid,
+        addr,
+        len: data.len(),
+        source,
+    })
+}
+
+/// The time-stamp counter of the supervisor's CPU.
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no memory effects; the supervisor is not under
+    // PR_SET_TSC, so it cannot fault.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// What the child does between fork and exec, prepared before the fork so
+/// the child only makes raw syscalls (no allocation after fork).
+#[derive(Debug)]
+pub struct ChildSetup {
+    pub path: CString,
+    pub argv: Vec<CString>,
+    pub env: Vec<CString>,
+    pub cwd: CString,
+    pub umask: u32,
+    pub filter: Vec<libc::sock_filter>,
+    /// (source, target) for a private bind mount of the data directory.
+    pub bind: Option<(CString, CString)>,
+}
+
+/// Fork a child that stops itself for the tracer, then installs the
+/// seccomp filter and execs. Returns the child's pid; the child is in a
+/// signal-stop (SIGSTOP) when the caller's `waitpid` returns.
+pub fn fork_tracee(setup: &ChildSetup) -> Result<i32, SysError> {
+    let argv: Vec<*const libc::c_char> = setup
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = setup
+        .env
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let prog = libc::sock_fprog {
+        len: setup.filter.len() as u16,
+        filter: setup.filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: fork in a process whose other threads (if any) hold no locks the
+    // child needs: after fork the child only makes raw syscalls on memory
+    // prepared above and then execs or exits with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(os("fork", 0, nix::Error::last()));
+    }
+    if pid > 0 {
+        return Ok(pid);
+    }
+    // Child. Any failure exits with 127 after writing a short message.
+    // SAFETY: all pointers passed below point into `setup`, `argv`, `envp`
+    // and `prog`, which live in this (copied) address space until execve.
+    unsafe {
+        let fail = |msg: &[u8]| -> ! {
+            libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
+            libc::_exit(127)
+        };
+        if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
+            fail(b"hotstandby: PTRACE_TRACEME failed\n");
+        }
+        if libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong) == -1 {
+            fail(b"hotstandby: personality(ADDR_NO_RANDOMIZE) failed\n");
+        }
+        if libc::prctl(libc::PR_SET_TSC, libc::PR_TSC_SIGSEGV, 0, 0, 0) != 0 {
+            fail(b"hotstandby: prctl(PR_SET_TSC) failed\n");
+        }
+        if let Some((src, dst)) = &setup.bind {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                fail(b"hotstandby: unshare(CLONE_NEWNS) failed\n");
+            }
+            if libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                fail(b"hotstandby: making / private failed\n");
+            }
+            if libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                fail(b"hotstandby: bind-mounting the data directory failed\n");
+            }
+        }
+        // Signal dispositions set to ignore survive exec: give the program
+        // the defaults and an empty mask, as a shell would.
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::umask(setup.umask as libc::mode_t);
+        if libc::chdir(setup.cwd.as_ptr()) != 0 {
+            fail(b"hotstandby: cannot chdir to the recorded working directory\n");
+        }
+        libc::raise(libc::SIGSTOP);
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail(b"hotstandby: PR_SET_NO_NEW_PRIVS failed\n");
+        }
+        if libc::syscall(
+            libc::SYS_seccomp,
+            1, /* SECCOMP_SET_MODE_FILTER */
+            0,
+            &prog as *const libc::sock_fprog,
+        ) != 0
+        {
+            fail(b"hotstandby: installing the seccomp filter failed\n");
+        }
+        libc::execve(setup.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        fail(b"hotstandby: execve failed\n");
+    }
+}
+
+/// Remove AT_SYSINFO_EHDR from the auxiliary vector of a process stopped
+/// right after execve, so the C library finds no vDSO and makes real,
+/// recordable syscalls for time. Returns true when an entry was found.
+pub fn hide_vdso(tid: i32) -> Result<bool, SysError> {
+    let regs = get_regs(tid)?;
+    let sp = regs.rsp;
+    let word = |a: u64| -> Result<u64, SysError> {
+        let b = read_mem(tid, a, 8)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let argc = word(sp)?;
+    let mut p = sp + 8 + argc * 8 + 8; // past argv and its NULL
+    while word(p)? != 0 {
+        p += 8; // envp
+    }
+    p += 8;
+    loop {
+        let key = word(p)?;
+        if key == libc::AT_NULL {
+            return Ok(false);
+        }
+        if key == libc::AT_SYSINFO_EHDR {
+            write_mem(tid, p, &libc::AT_IGNORE.to_le_bytes())?;
+            return Ok(true);
+        }
+        p += 16;
+    }
+}
+
+/// The SigBlk mask of a thread from /proc.
+pub fn blocked_mask(tid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,209 @@
+//! Starting a program under the supervisor, identically for record and
+//! replay: same argv, env, cwd, umask, `ADDR_NO_RANDOMIZE`, rdtsc trapping,
+//! the seccomp filter, and no vDSO.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use hotstandby_protocol::record::Identity;
+use nix::sys::ptrace::{self, Options};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::seccomp::{self, SeccompError};
+use crate::sys::{self, ChildSetup, SysError};
+
+/// Errors starting a tracee.
+#[derive(Debug, Error)]
+pub enum SpawnError {
+    /// The command was not found on PATH.
+    #[error("{0}: command not found")]
+    NotFound(String),
+    /// The executable could not be read for hashing.
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// An argument or variable holds a NUL byte.
+    #[error("argument or environment entry contains a NUL byte")]
+    Nul,
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    /// waitpid or ptrace failed while starting.
+    #[error("starting the tracee: {0}")]
+    Start(nix::Error),
+    /// The child exited before exec completed (its message is on stderr).
+    #[error("the program could not be started (exit status {0})")]
+    ExecFailed(i32),
+}
+
+/// Resolve a command name like execvp does.
+pub fn resolve(cmd: &str, path_var: Option<&str>) -> Result<PathBuf, SpawnError> {
+    if cmd.contains('/') {
+        let p = PathBuf::from(cmd);
+        return if p.exists() {
+            Ok(std::fs::canonicalize(&p).unwrap_or(p))
+        } else {
+            Err(SpawnError::NotFound(cmd.into()))
+        };
+    }
+    for dir in path_var
+        .unwrap_or("/usr/local/bin:/usr/bin:/bin")
+        .split(':')
+    {
+        let p = Path::new(dir).join(cmd);
+        if let Ok(m) = std::fs::metadata(&p) {
+            use std::os::unix::fs::PermissionsExt;
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(p);
+            }
+        }
+    }
+    Err(SpawnError::NotFound(cmd.into()))
+}
+
+/// sha256 of a file.
+pub fn sha256_file(path: &Path) -> Result<[u8; 32], SpawnError> {
+    let bytes = std::fs::read(path).map_err(|source| SpawnError::Read {
+        path: path.into(),
+        source,
+    })?;
+    Ok(Sha256::digest(&bytes).into())
+}
+
+fn cpuinfo_field(name: &str) -> String {
+    let s = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Build the identity of a program about to be recorded.
+pub fn identity(
+    argv: &[String],
+    env: Vec<Vec<u8>>,
+    cwd: &Path,
+    data_dir: Option<&Path>,
+) -> Result<Identity, SpawnError> {
+    let path_var = env
+        .iter()
+        .find_map(|e| e.strip_prefix(b"PATH="))
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let exe = resolve(&argv[0], path_var.as_deref())?;
+    let sha = sha256_file(&exe)?;
+    // SAFETY: umask only swaps an integer in the kernel; we restore it at once.
+    let umask = unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m
+    };
+    let uts = nix::sys::utsname::uname().ok();
+    Ok(Identity {
+        argv: argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env,
+        cwd: cwd.as_os_str().as_bytes().to_vec(),
+        exe: exe.as_os_str().as_bytes().to_vec(),
+        exe_sha256: sha,
+        cpu_model: cpuinfo_field("model name"),
+        cpu_flags: cpuinfo_field("flags"),
+        kernel_release: uts
+            .as_ref()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        hostname: uts
+            .as_ref()
+            .map(|u| u.nodename().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        umask,
+        start_unix_ns: crate::logfile::now_unix_ns(),
+        data_dir: data_dir
+            .map(|d| d.as_os_str().as_bytes().to_vec())
+            .unwrap_or_default(),
+    })
+}
+
+/// The environment a recorded program gets: the caller's, with OpenSSL told
+/// not to use RDRAND/RDSEED (they cannot be trapped without CPUID faulting).
+pub fn recorded_env() -> Vec<Vec<u8>> {
+    let mut env: Vec<Vec<u8>> = std::env::vars_os()
+        .filter(|(k, _)| k != "OPENSSL_ia32cap")
+        .map(|(k, v)| {
+            let mut e = k.as_bytes().to_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            e
+        })
+        .collect();
+    env.push(b"OPENSSL_ia32cap=~0x4000000000000000:~0x40000".to_vec());
+    env
+}
+
+fn cstr(b: &[u8]) -> Result<CString, SpawnError> {
+    CString::new(b.to_vec()).map_err(|_| SpawnError::Nul)
+}
+
+/// Start the program an identity describes, stopped right after its
+/// execve with the vDSO hidden. Returns its pid.
+pub fn spawn(id: &Identity, bind: Option<(&Path, &Path)>) -> Result<i32, SpawnError> {
+    let setup = ChildSetup {
+        path: cstr(&id.exe)?,
+        argv: id.argv.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?,
+        env: id.env.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?,
+        cwd: cstr(&id.cwd)?,
+        umask: id.umask,
+        filter: seccomp::build_filter()?,
+        bind: match bind {
+            Some((s, d)) => Some((
+                cstr(s.as_os_str().as_bytes())?,
+                cstr(d.as_os_str().as_bytes())?,
+            )),
+            None => None,
+        },
+    };
+    let pid = sys::fork_tracee(&setup)?;
+    let p = Pid::from_raw(pid);
+    match waitpid(p, Some(WaitPidFlag::__WALL)).map_err(SpawnError::Start)? {
+        WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGSTOP) => {}
+        WaitStatus::Exited(_, c) => return Err(SpawnError::ExecFailed(c)),
+        other => return Err(SpawnError::Start(nix_other(other))),
+    }
+    ptrace::setoptions(
+        p,
+        Options::PTRACE_O_TRACESYSGOOD
+            | Options::PTRACE_O_TRACESECCOMP
+            | Options::PTRACE_O_TRACECLONE
+            | Options::PTRACE_O_TRACEFORK
+            | Options::PTRACE_O_TRACEVFORK
+            | Options::PTRACE_O_TRACEEXEC
+            | Options::PTRACE_O_TRACEEXIT
+            | Options::PTRACE_O_EXITKILL,
+    )
+    .map_err(SpawnError::Start)?;
+    sys::cont(pid, 0)?;
+    loop {
+        match waitpid(p, Some(WaitPidFlag::__WALL)).map_err(SpawnError::Start)? {
+            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_SECCOMP) => sys::cont(pid, 0)?,
+            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_EXEC) => {
+                sys::hide_vdso(pid)?;
+                return Ok(pid);
+            }
+            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_EXIT) => sys::cont(pid, 0)?,
+            WaitStatus::Exited(_, c) => return Err(SpawnError::ExecFailed(c)),
+            WaitStatus::Signaled(_, s, _) => return Err(SpawnError::ExecFailed(128 + s as i32)),
+            WaitStatus::Stopped(_, s) => sys::cont(pid, s as i32)?,
+            _ => sys::cont(pid, 0)?,
+        }
+    }
+}
+
+fn nix_other(_s: WaitStatus) -> nix::Error {
+    nix::Error::EINVAL
+}

@@ -1,0 +1,860 @@
+//! The replay engine.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use hotstandby_protocol::record::{Event, Identity, Mode, SyscallEvent};
+use hotstandby_protocol::sysmodel::{self, Class};
+use hotstandby_recorder::logfile::{LoadedLog, DATA_START};
+use hotstandby_recorder::model;
+use hotstandby_recorder::record::{copy_tree, rdtsc_len};
+use hotstandby_recorder::sys::{self, Regs, SysError};
+use hotstandby_recorder::tracee::{self, SpawnError};
+use nix::errno::Errno;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use thiserror::Error;
+
+use crate::Divergence;
+
+/// Errors of a replay.
+#[derive(Debug, Error)]
+pub enum ReplayError {
+    /// The program took a different path than the log.
+    #[error("{0}")]
+    Divergence(Divergence),
+    /// The program to run is not the one recorded.
+    #[error("refusing to replay: {0}")]
+    Identity(String),
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    /// waitpid failed.
+    #[error("waiting for the program: {0}")]
+    Wait(nix::Error),
+    /// Preparing the data directory failed.
+    #[error("preparing the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How to replay.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// Write the program's stdout/stderr output as replay re-creates it.
+    pub show_output: bool,
+}
+
+/// A replay that reached the end of its log.
+#[derive(Debug, Clone)]
+pub struct ReplayOutcome {
+    pub events: u64,
+    /// Exit status of the replayed program (or of the log, when the log
+    /// ends before the program did).
+    pub exit_status: i32,
+    /// False when the log had no trailer (the recording was interrupted).
+    pub complete: bool,
+}
+
+#[derive(Debug, Clone)]
+enum St {
+    /// Running user code (the current thread).
+    Running,
+    /// Stopped at a syscall entry, not yet handled.
+    AtEntry(Regs),
+    /// Logged as blocked in a syscall (stopped at its entry).
+    Blocked(Regs),
+    /// Stopped after a handled syscall or new: resumes when scheduled.
+    Ready,
+    /// Clone executed at Spawn; its Syscall event sets the result.
+    AfterClone(Regs),
+    /// Exited.
+    Gone,
+}
+
+struct Th {
+    live: i32,
+    st: St,
+}
+
+struct Engine<'a> {
+    log: &'a LoadedLog,
+    opts: &'a ReplayOptions,
+    threads: HashMap<u32, Th>,
+    leader_live: i32,
+    exit_status: Option<i32>,
+    idx: usize,
+}
+
+/// Check that the program on this machine is the one recorded.
+pub fn check_identity(id: &Identity) -> Result<(), ReplayError> {
+    let exe = PathBuf::from(String::from_utf8_lossy(&id.exe).into_owned());
+    let found = tracee::sha256_file(&exe).map_err(|e| {
+        ReplayError::Identity(format!("the recorded program {}: {e}", exe.display()))
+    })?;
+    if found != id.exe_sha256 {
+        return Err(ReplayError::Identity(format!(
+            "{} is not the program that was recorded (sha256 recorded {}, found {})",
+            exe.display(),
+            hex(&id.exe_sha256),
+            hex(&found)
+        )));
+    }
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    if model != id.cpu_model {
+        tracing::warn!(recorded = %id.cpu_model, here = %model, "CPU model differs from the recording");
+    }
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Kills the replayed program if replay stops early.
+struct KillGuard(i32, bool);
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ =
+                nix::sys::signal::kill(Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+            while waitpid(Pid::from_raw(-1), Some(WaitPidFlag::__WALL)).is_ok() {}
+        }
+    }
+}
+
+/// A scratch copy of the log's data-directory snapshot, removed on drop.
+struct Scratch(PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Replay `log` (loaded from `dir`).
+pub fn replay(
+    dir: &Path,
+    log: &LoadedLog,
+    opts: &ReplayOptions,
+) -> Result<ReplayOutcome, ReplayError> {
+    check_identity(&log.identity)?;
+    let mut _scratch = None;
+    let data_dir = PathBuf::from(String::from_utf8_lossy(&log.identity.data_dir).into_owned());
+    let snapshot = dir.join(DATA_START);
+    let bind = if !log.identity.data_dir.is_empty() && snapshot.is_dir() {
+        let s = std::env::temp_dir().join(format!("hotstandby-replay-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&s);
+        copy_tree(&snapshot, &s).map_err(|source| ReplayError::DataDir {
+            path: s.clone(),
+            source,
+        })?;
+        _scratch = Some(Scratch(s.clone()));
+        Some((s, data_dir))
+    } else {
+        None
+    };
+    let pid = tracee::spawn(
+        &log.identity,
+        bind.as_ref().map(|(a, b)| (a.as_path(), b.as_path())),
+    )?;
+    let mut guard = KillGuard(pid, true);
+    let leader = log.events.first().map(|e| e.tid()).unwrap_or(pid as u32);
+    let mut e = Engine {
+        log,
+        opts,
+        threads: HashMap::new(),
+        leader_live: pid,
+        exit_status: None,
+        idx: 0,
+    };
+    e.threads.insert(
+        leader,
+        Th {
+            live: pid,
+            st: St::Running,
+        },
+    );
+    sys::cont(pid, 0)?;
+    let out = e.run()?;
+    guard.1 = false;
+    Ok(out)
+}
+
+fn wait_for(live: i32) -> Result<WaitStatus, ReplayError> {
+    loop {
+        match waitpid(Pid::from_raw(live), Some(WaitPidFlag::__WALL)) {
+            Ok(s) => return Ok(s),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(ReplayError::Wait(e)),
+        }
+    }
+}
+
+fn describe(s: &WaitStatus) -> String {
+    match s {
+        WaitStatus::Exited(_, c) => format!("the thread exited with status {c}"),
+        WaitStatus::Signaled(_, sig, _) => format!("the thread was killed by {sig:?}"),
+        WaitStatus::Stopped(_, sig) => format!("signal {sig:?}"),
+        WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_SECCOMP) => "a syscall".into(),
+        WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_EXIT) => "the thread exiting".into(),
+        WaitStatus::PtraceEvent(_, _, ev) => format!("ptrace event {ev}"),
+        WaitStatus::PtraceSyscall(_) => "a syscall exit".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn call_str(nr: u32, args: &[u64; 6]) -> String {
+    let n = sysmodel::spec(nr).map(|s| s.args.len()).unwrap_or(0);
+    let a: Vec<String> = args[..n].iter().map(|a| format!("{a:#x}")).collect();
+    format!("{}({})", sysmodel::name(nr), a.join(", "))
+}
+
+const SIGSUSPEND_LIKE: [i64; 4] = [
+    libc::SYS_rt_sigsuspend,
+    libc::SYS_ppoll,
+    libc::SYS_epoll_pwait,
+    libc::SYS_pselect6,
+];
+
+impl Engine<'_> {
+    fn diverge<T>(
+        &self,
+        tid: u32,
+        what: impl Into<String>,
+        expected: impl Into<String>,
+        actual: impl Into<String>,
+    ) -> Result<T, ReplayError> {
+        Err(ReplayError::Divergence(Divergence {
+            tid,
+            index: self.idx,
+            what: what.into(),
+            expected: expected.into(),
+            actual: actual.into(),
+        }))
+    }
+
+    fn th(&mut self, tid: u32) -> Result<&mut Th, ReplayError> {
+        if !self.threads.contains_key(&tid) {
+            return self.diverge(
+                tid,
+                "thread",
+                format!("thread {tid} to exist"),
+                "no such thread in the replay",
+            );
+        }
+        Ok(self.threads.get_mut(&tid).expect("checked"))
+    }
+
+    /// Bring `tid` to a syscall entry and return its registers.
+    fn entry(&mut self, tid: u32, expect: &str) -> Result<Regs, ReplayError> {
+        let th = self.th(tid)?;
+        let live = th.live;
+        match th.st.clone() {
+            St::AtEntry(r) | St::Blocked(r) => Ok(r),
+            St::Running => {
+                let s = wait_for(live)?;
+                match s {
+                    WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_SECCOMP) => {
+                        let r = sys::get_regs(live)?;
+                        self.th(tid)?.st = St::AtEntry(r);
+                        Ok(r)
+                    }
+                    WaitStatus::Stopped(_, sig) => {
+                        let rip = sys::get_regs(live).map(|r| r.rip).unwrap_or(0);
+                        self.diverge(
+                            tid,
+                            expect,
+                            expect,
+                            format!(
+                                "{} at rip {rip:#x}",
+                                describe(&WaitStatus::Stopped(Pid::from_raw(live), sig))
+                            ),
+                        )
+                    }
+                    other => self.diverge(tid, expect, expect, describe(&other)),
+                }
+            }
+            other => self.diverge(
+                tid,
+                expect,
+                format!("{expect} from a running thread"),
+                format!("thread state {other:?}"),
+            ),
+        }
+    }
+
+    fn run(&mut self) -> Result<ReplayOutcome, ReplayError> {
+        let events = &self.log.events;
+        while self.idx < events.len() {
+            let ev = &events[self.idx];
+            match ev {
+                Event::Syscall(s) => self.on_syscall(s)?,
+                Event::Enter { tid, nr, args } => {
+                    let r = self.entry(*tid, &call_str(*nr, args))?;
+                    self.check_call(*tid, *nr, args, &r)?;
+                    self.th(*tid)?.st = St::Blocked(r);
+                }
+                Event::Switch { tid } => {
+                    let th = self.th(*tid)?;
+                    match th.st {
+                        St::Ready => {
+                            let live = th.live;
+                            th.st = St::Running;
+                            sys::cont(live, 0)?;
+                        }
+                        ref other => {
+                            let o = format!("{other:?}");
+                            return self.diverge(*tid, "switch", "a thread ready to run", o);
+                        }
+                    }
+                }
+                Event::Spawn { tid, child, flags } => self.on_spawn(*tid, *child, *flags)?,
+                Event::Signal {
+                    tid,
+                    signo,
+                    siginfo,
+                } => self.on_signal(*tid, *signo, siginfo)?,
+                Event::Fault { tid, signo, rip } => {
+                    let live = self.th(*tid)?.live;
+                    let s = wait_for(live)?;
+                    let r = sys::get_regs(live)?;
+                    match s {
+                        WaitStatus::Stopped(_, sig) if sig as i32 == *signo && r.rip == *rip => {
+                            sys::cont(live, *signo)?
+                        }
+                        other => {
+                            return self.diverge(
+                                *tid,
+                                "fault",
+                                format!("signal {signo} at {rip:#x}"),
+                                format!("{} at {:#x}", describe(&other), r.rip),
+                            )
+                        }
+                    }
+                }
+                Event::Rdtsc {
+                    tid,
+                    rip,
+                    value,
+                    aux,
+                    rdtscp,
+                } => {
+                    let live = self.th(*tid)?.live;
+                    let s = wait_for(live)?;
+                    let mut r = sys::get_regs(live)?;
+                    let len = rdtsc_len(live, r.rip);
+                    match s {
+                        WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGSEGV)
+                            if r.rip == *rip && len.is_some() =>
+                        {
+                            r.rax = value & 0xffff_ffff;
+                            r.rdx = value >> 32;
+                            if *rdtscp {
+                                r.rcx = *aux as u64;
+                            }
+                            r.rip += len.expect("checked");
+                            sys::set_regs(live, &r)?;
+                            sys::cont(live, 0)?;
+                        }
+                        other => {
+                            return self.diverge(
+                                *tid,
+                                "rdtsc",
+                                format!("rdtsc at {rip:#x}"),
+                                format!("{} at {:#x}", describe(&other), r.rip),
+                            )
+                        }
+                    }
+                }
+                Event::Exit { tid, code, group } => self.on_exit(*tid, *code, *group)?,
+            }
+            self.idx += 1;
+        }
+        self.finish()
+    }
+
+    fn check_call(&self, tid: u32, nr: u32, args: &[u64; 6], r: &Regs) -> Result<(), ReplayError> {
+        let anr = r.orig_rax as u32;
+        let aargs = model::args_of(r);
+        let n = sysmodel::spec(nr).map(|s| s.args.len()).unwrap_or(0);
+        if anr != nr || args[..n] != aargs[..n] {
+            return self.diverge(
+                tid,
+                sysmodel::name(nr),
+                call_str(nr, args),
+                call_str(anr, &aargs),
+            );
+        }
+        Ok(())
+    }
+
+    /// After handling thread `tid`'s syscall: resume it if the log says it
+    /// ran next, otherwise leave it stopped.
+    fn after(&mut self, tid: u32) -> Result<(), ReplayError> {
+        let next = self.log.events.get(self.idx + 1);
+        let th = self.th(tid)?;
+        match next {
+            Some(Event::Signal { tid: t, .. }) if *t == tid => th.st = St::Ready,
+            Some(e) if e.tid() == tid => {
+                th.st = St::Running;
+                let live = th.live;
+                sys::cont(live, 0)?;
+            }
+            _ => th.st = St::Ready,
+        }
+        Ok(())
+    }
+
+    fn on_syscall(&mut self, s: &SyscallEvent) -> Result<(), ReplayError> {
+        let tid = s.tid;
+        let live = self.th(tid)?.live;
+        if let St::AfterClone(mut r) = self.th(tid)?.st.clone() {
+            r.rax = s.ret as u64;
+            sys::set_regs(live, &r)?;
+            return self.after(tid);
+        }
+        let mut r = self.entry(tid, &call_str(s.nr, &s.args))?;
+        self.check_call(tid, s.nr, &s.args, &r)?;
+        if !s.path.is_empty() {
+            if let Some(i) = sysmodel::spec(s.nr)
+                .and_then(|sp| sp.args.iter().position(|a| *a == sysmodel::Arg::Path))
+            {
+                let p = sys::read_cstr(live, s.args[i], 4096).unwrap_or_default();
+                if p != s.path {
+                    return self.diverge(
+                        tid,
+                        sysmodel::name(s.nr),
+                        format!("path \"{}\"", String::from_utf8_lossy(&s.path)),
+                        format!("path \"{}\"", String::from_utf8_lossy(&p)),
+                    );
+                }
+            }
+        }
+        let class = sysmodel::spec(s.nr).map(|sp| sp.class);
+        let name = sysmodel::name(s.nr);
+        if class == Some(Class::FdWrite) && s.hash != 0 && s.mode != Mode::Executed {
+            let data = model::written_bytes(live, s.nr, &s.args, s.ret)?;
+            let h = model::hash(&data);
+            if h != s.hash {
+                return self.diverge(
+                    tid,
+                    name,
+                    format!(
+                        "{} bytes with hash {:016x} written to fd {}",
+                        s.ret, s.hash, s.args[0] as i32
+                    ),
+                    format!(
+                        "bytes with hash {h:016x}: \"{}\"",
+                        String::from_utf8_lossy(&data[..data.len().min(80)]).escape_debug()
+                    ),
+                );
+            }
+            if self.opts.show_output {
+                match s.args[0] {
+                    1 => {
+                        let _ = std::io::stdout().write_all(&data);
+                        let _ = std::io::stdout().flush();
+                    }
+                    2 => {
+                        let _ = std::io::stderr().write_all(&data);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        match s.mode {
+            Mode::Emulated | Mode::Refused => {
+                if s.ret == -(libc::EINTR as i64) && SIGSUSPEND_LIKE.contains(&(s.nr as i64)) {
+                    if let Some(Event::Signal {
+                        tid: t,
+                        signo,
+                        siginfo,
+                    }) = self.log.events.get(self.idx + 1)
+                    {
+                        if let Some(mask) = sigmask_arg(live, s.nr, &s.args) {
+                            if *t == tid {
+                                return self.suspend_deliver(tid, live, r, mask, *signo, siginfo);
+                            }
+                        }
+                    }
+                }
+                r.orig_rax = u64::MAX;
+                r.rax = s.ret as u64;
+                sys::set_regs(live, &r)?;
+                for w in &s.writes {
+                    sys::write_mem(live, w.addr, &w.data)?;
+                }
+            }
+            Mode::Restart => {
+                r.orig_rax = u64::MAX;
+                r.rax = s.nr as u64;
+                r.rip -= 2;
+                sys::set_regs(live, &r)?;
+            }
+            Mode::Executed | Mode::ExecutedInjected => {
+                let orig = r;
+                let clamp = s.ret >= 0
+                    && class == Some(Class::FdRead)
+                    && matches!(
+                        s.nr as i64,
+                        libc::SYS_read | libc::SYS_pread64 | libc::SYS_recvfrom
+                    );
+                if clamp {
+                    r.rdx = s.ret as u64;
+                    sys::set_regs(live, &r)?;
+                }
+                let mut x = self.execute(tid, live, &name)?;
+                let actual = x.rax as i64;
+                if s.mode == Mode::Executed && actual != s.ret {
+                    return self.diverge(
+                        tid,
+                        name.clone(),
+                        format!("{} = {}", call_str(s.nr, &s.args), s.ret),
+                        format!("= {actual}"),
+                    );
+                }
+                if s.hash != 0 && class == Some(Class::FdRead) {
+                    let h = model::hash(&model::read_bytes(live, s.nr, &s.args, actual)?);
+                    if h != s.hash {
+                        return self.diverge(
+                            tid,
+                            name.clone(),
+                            format!("{} bytes read from fd {} with hash {:016x}", s.ret, s.args[0] as i32, s.hash),
+                            format!("different bytes (hash {h:016x}): the file differs from the recording"),
+                        );
+                    }
+                }
+                if s.mode == Mode::ExecutedInjected {
+                    x.rax = s.ret as u64;
+                }
+                x.rdx = orig.rdx;
+                sys::set_regs(live, &x)?;
+                if s.mode == Mode::ExecutedInjected {
+                    for w in &s.writes {
+                        sys::write_mem(live, w.addr, &w.data)?;
+                    }
+                }
+            }
+            Mode::PlaceholderFd => {
+                if s.ret >= 0 {
+                    let orig = r;
+                    let flags = if s.nr as i64 == libc::SYS_accept4 {
+                        s.args[3] & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64
+                    } else {
+                        0
+                    };
+                    r.orig_rax = libc::SYS_socket as u64;
+                    r.rdi = if s.aux == 0 {
+                        libc::AF_INET as u64
+                    } else {
+                        s.aux
+                    };
+                    r.rsi = libc::SOCK_STREAM as u64 | flags;
+                    r.rdx = 0;
+                    sys::set_regs(live, &r)?;
+                    let mut x = self.execute(tid, live, &name)?;
+                    if x.rax as i64 != s.ret {
+                        return self.diverge(
+                            tid,
+                            name,
+                            format!("accepted fd {}", s.ret),
+                            format!("placeholder socket got fd {}", x.rax as i64),
+                        );
+                    }
+                    x.rdi = orig.rdi;
+                    x.rsi = orig.rsi;
+                    x.rdx = orig.rdx;
+                    sys::set_regs(live, &x)?;
+                } else {
+                    r.orig_rax = u64::MAX;
+                    r.rax = s.ret as u64;
+                    sys::set_regs(live, &r)?;
+                }
+                for w in &s.writes {
+                    sys::write_mem(live, w.addr, &w.data)?;
+                }
+            }
+        }
+        self.after(tid)
+    }
+
+    /// Run the syscall the thread is stopped at; return registers at exit.
+    fn execute(&mut self, tid: u32, live: i32, name: &str) -> Result<Regs, ReplayError> {
+        sys::syscall(live, 0)?;
+        loop {
+            match wait_for(live)? {
+                WaitStatus::PtraceSyscall(_) => return Ok(sys::get_regs(live)?),
+                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_EXEC) => {
+                    sys::hide_vdso(live)?;
+                    sys::syscall(live, 0)?;
+                }
+                other => {
+                    return self.diverge(tid, name, format!("{name} to complete"), describe(&other))
+                }
+            }
+        }
+    }
+
+    /// Deliver `sig` the way a mask-changing wait (sigsuspend, ppoll,
+    /// pselect, epoll_pwait) took it: queue it, then run rt_sigsuspend
+    /// with the program's mask so the kernel delivers it under that mask.
+    fn suspend_deliver(
+        &mut self,
+        tid: u32,
+        live: i32,
+        mut r: Regs,
+        mask: u64,
+        sig: i32,
+        info: &[u8],
+    ) -> Result<(), ReplayError> {
+        sys::tgkill(self.leader_live, live, sig)?;
+        r.orig_rax = libc::SYS_rt_sigsuspend as u64;
+        r.rdi = mask;
+        r.rsi = 8;
+        sys::set_regs(live, &r)?;
+        sys::cont(live, 0)?;
+        self.idx += 1; // the Signal event is consumed here
+        self.take_signal(tid, live, sig, info)
+    }
+
+    fn take_signal(
+        &mut self,
+        tid: u32,
+        live: i32,
+        sig: i32,
+        info: &[u8],
+    ) -> Result<(), ReplayError> {
+        match wait_for(live)? {
+            WaitStatus::Stopped(_, s) if s as i32 == sig => {
+                sys::set_siginfo(live, info)?;
+                sys::cont(live, sig)?;
+                self.th(tid)?.st = St::Running;
+                Ok(())
+            }
+            other => self.diverge(
+                tid,
+                "signal",
+                format!("delivery of signal {sig}"),
+                describe(&other),
+            ),
+        }
+    }
+
+    fn on_signal(&mut self, tid: u32, sig: i32, info: &[u8]) -> Result<(), ReplayError> {
+        let th = self.th(tid)?;
+        let live = th.live;
+        match th.st.clone() {
+            St::Ready => {}
+            St::Running | St::AtEntry(_) => {
+                let mut r = self.entry(tid, "a syscall (signal delivery point)")?;
+                r.rax = r.orig_rax;
+                r.orig_rax = u64::MAX;
+                r.rip -= 2;
+                sys::set_regs(live, &r)?;
+            }
+            other => {
+                return self.diverge(
+                    tid,
+                    "signal",
+                    "a thread at a syscall boundary",
+                    format!("{other:?}"),
+                )
+            }
+        }
+        sys::tgkill(self.leader_live, live, sig)?;
+        sys::cont(live, 0)?;
+        self.take_signal(tid, live, sig, info)
+    }
+
+    fn on_spawn(&mut self, tid: u32, child: u32, flags: u64) -> Result<(), ReplayError> {
+        let r = self.entry(tid, "clone")?;
+        if r.orig_rax as i64 != libc::SYS_clone {
+            return self.diverge(
+                tid,
+                "clone",
+                "clone",
+                call_str(r.orig_rax as u32, &model::args_of(&r)),
+            );
+        }
+        let live = self.th(tid)?.live;
+        sys::syscall(live, 0)?;
+        let mut new = None;
+        let exit_regs = loop {
+            match wait_for(live)? {
+                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_CLONE) => {
+                    new = Some(sys::event_msg(live)? as i32);
+                    sys::syscall(live, 0)?;
+                }
+                WaitStatus::PtraceSyscall(_) => break sys::get_regs(live)?,
+                other => return self.diverge(tid, "clone", "clone to complete", describe(&other)),
+            }
+        };
+        let Some(nl) = new else {
+            return self.diverge(
+                tid,
+                "clone",
+                format!("a new thread {child}"),
+                format!("clone returned {}", exit_regs.rax as i64),
+            );
+        };
+        match wait_for(nl)? {
+            WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGSTOP) => {}
+            other => return self.diverge(child, "new thread", "its first stop", describe(&other)),
+        }
+        // The program must see the recorded thread id wherever the kernel wrote the live one.
+        let args = model::args_of(&r);
+        if flags & libc::CLONE_PARENT_SETTID as u64 != 0 && args[2] != 0 {
+            sys::write_mem(live, args[2], &child.to_le_bytes())?;
+        }
+        if flags & libc::CLONE_CHILD_SETTID as u64 != 0 && args[3] != 0 {
+            sys::write_mem(nl, args[3], &child.to_le_bytes())?;
+        }
+        self.threads.insert(
+            child,
+            Th {
+                live: nl,
+                st: St::Ready,
+            },
+        );
+        self.th(tid)?.st = St::AfterClone(exit_regs);
+        Ok(())
+    }
+
+    fn on_exit(&mut self, tid: u32, code: i32, group: bool) -> Result<(), ReplayError> {
+        let r = self.entry(tid, "exit")?;
+        let want = if group {
+            libc::SYS_exit_group
+        } else {
+            libc::SYS_exit
+        };
+        if r.orig_rax as i64 != want || r.rdi as i32 != code {
+            return self.diverge(
+                tid,
+                "exit",
+                format!("{}({code})", sysmodel::name(want as u32)),
+                call_str(r.orig_rax as u32, &model::args_of(&r)),
+            );
+        }
+        let live = self.th(tid)?.live;
+        sys::cont(live, 0)?;
+        self.th(tid)?.st = St::Gone;
+        if group {
+            for th in self.threads.values_mut() {
+                th.st = St::Gone;
+            }
+            self.reap_all()?;
+        } else if live != self.leader_live {
+            loop {
+                match wait_for(live)? {
+                    WaitStatus::Exited(..) | WaitStatus::Signaled(..) => break,
+                    _ => sys::cont(live, 0)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Let every remaining thread exit and collect the process's status.
+    fn reap_all(&mut self) -> Result<(), ReplayError> {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::Exited(p, c)) if p.as_raw() == self.leader_live => {
+                    self.exit_status = Some(c)
+                }
+                Ok(WaitStatus::Signaled(p, s, _)) if p.as_raw() == self.leader_live => {
+                    self.exit_status = Some(128 + s as i32)
+                }
+                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => {}
+                Ok(s) => {
+                    if let Some(p) = s.pid() {
+                        let _ = sys::cont(p.as_raw(), 0);
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<ReplayOutcome, ReplayError> {
+        let events = self.log.events.len() as u64;
+        match &self.log.trailer {
+            Some(t) => {
+                if self.exit_status.is_none() {
+                    // The program ends without an exit call (a fatal signal
+                    // was delivered, or it was killed from outside).
+                    let alive = self.threads.values().any(|t| matches!(t.st, St::Running));
+                    if !alive && t.exit_status >= 128 {
+                        let _ = nix::sys::signal::kill(
+                            Pid::from_raw(self.leader_live),
+                            nix::sys::signal::Signal::try_from(t.exit_status - 128)
+                                .unwrap_or(nix::sys::signal::Signal::SIGKILL),
+                        );
+                    }
+                    for th in self.threads.values() {
+                        if matches!(th.st, St::Running) {
+                            let _ = sys::cont(th.live, 0);
+                        }
+                    }
+                    self.reap_all()?;
+                }
+                let got = self.exit_status.unwrap_or(-1);
+                if got != t.exit_status {
+                    self.idx = self.log.events.len();
+                    return self.diverge(
+                        0,
+                        "program exit",
+                        format!("exit status {}", t.exit_status),
+                        format!("exit status {got}"),
+                    );
+                }
+                Ok(ReplayOutcome {
+                    events,
+                    exit_status: got,
+                    complete: true,
+                })
+            }
+            None => {
+                let _ = nix::sys::signal::kill(
+                    Pid::from_raw(self.leader_live),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                self.reap_all()?;
+                eprintln!("hotstandby: the log ends without a trailer (recording interrupted); replayed all {events} events");
+                Ok(ReplayOutcome {
+                    events,
+                    exit_status: -1,
+                    complete: false,
+                })
+            }
+        }
+    }
+}
+
+/// The signal-mask pointer a mask-changing wait passed, if any.
+fn sigmask_arg(live: i32, nr: u32, a: &[u64; 6]) -> Option<u64> {
+    let p = match nr as i64 {
+        libc::SYS_rt_sigsuspend => a[0],
+        libc::SYS_ppoll => a[3],
+        libc::SYS_epoll_pwait => a[4],
+        libc::SYS_pselect6 => {
+            if a[5] == 0 {
+                return None;
+            }
+            let b = sys::read_mem(live, a[5], 8).ok()?;
+            u64::from_le_bytes(b.try_into().ok()?)
+        }
+        _ => return None,
+    };
+    (p != 0).then_some(p)
+}

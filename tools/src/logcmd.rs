@@ -1,0 +1,344 @@
+//! `hotstandby log ...` and `hotstandby replay`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Subcommand;
+use hotstandby_protocol::record::{Event, Mode, SyscallEvent};
+use hotstandby_protocol::sysmodel::{self, Arg};
+use hotstandby_recorder::logfile::{self, LogError};
+
+/// Exit status for a corrupt or foreign log.
+pub const EXIT_CORRUPT: u8 = 4;
+/// Exit status for a divergence.
+pub const EXIT_DIVERGED: u8 = 3;
+
+#[derive(Subcommand, Debug)]
+pub enum LogCmd {
+    /// One strace-like line per event.
+    Dump { dir: PathBuf },
+    /// Events by kind and syscall, bytes, duration, threads.
+    Stats { dir: PathBuf },
+    /// Check structure and checksums: exit 0 when sound, 4 when corrupt.
+    Verify { dir: PathBuf },
+}
+
+pub fn run(cmd: LogCmd) -> anyhow::Result<u8> {
+    match cmd {
+        LogCmd::Dump { dir } => with_log(&dir, |l| dump(l)),
+        LogCmd::Stats { dir } => with_log(&dir, |l| stats(l)),
+        LogCmd::Verify { dir } => with_log(&dir, |l| verify(l)),
+    }
+}
+
+/// Load a log, turning corruption into exit 4 with the message printed.
+fn with_log(
+    dir: &Path,
+    f: impl FnOnce(&logfile::LoadedLog) -> anyhow::Result<u8>,
+) -> anyhow::Result<u8> {
+    match logfile::load(dir) {
+        Ok(l) => f(&l),
+        Err(e @ (LogError::Corrupt { .. } | LogError::NoHeader { .. })) => {
+            eprintln!("hotstandby: corrupt log: {e}");
+            Ok(EXIT_CORRUPT)
+        }
+        Err(e) => Err(e).with_context(|| format!("opening log {}", dir.display())),
+    }
+}
+
+fn show_bytes(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).escape_debug().to_string()
+}
+
+fn fmt_args(s: &SyscallEvent) -> String {
+    let Some(spec) = sysmodel::spec(s.nr) else {
+        return s
+            .args
+            .iter()
+            .map(|a| format!("{a:#x}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+    };
+    spec.args
+        .iter()
+        .zip(s.args.iter())
+        .map(|(k, v)| match k {
+            Arg::Int | Arg::Pid | Arg::Len => format!("{}", *v as i64),
+            Arg::Fd => format!("{}", *v as i32),
+            Arg::Sig => format!("{}", *v as i32),
+            Arg::Hex => format!("{v:#x}"),
+            Arg::Ptr => {
+                if *v == 0 {
+                    "NULL".into()
+                } else {
+                    format!("{v:#x}")
+                }
+            }
+            Arg::Path => {
+                if s.path.is_empty() {
+                    format!("{v:#x}")
+                } else {
+                    format!("\"{}\"", show_bytes(&s.path))
+                }
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn fmt_ret(r: i64) -> String {
+    if (-4095..0).contains(&r) {
+        let e = nix_errno_name(-r as i32);
+        format!("-1 {e}")
+    } else if r > 0xffff {
+        format!("{r:#x}")
+    } else {
+        format!("{r}")
+    }
+}
+
+fn nix_errno_name(e: i32) -> String {
+    let s = std::io::Error::from_raw_os_error(e).to_string();
+    match s.find(" (os error") {
+        Some(i) => format!("E{e} ({})", &s[..i]),
+        None => format!("E{e}"),
+    }
+}
+
+fn mode_tag(m: Mode) -> &'static str {
+    match m {
+        Mode::Executed => "exec",
+        Mode::Emulated => "emul",
+        Mode::ExecutedInjected => "exec+inject",
+        Mode::Refused => "refused",
+        Mode::PlaceholderFd => "placeholder",
+        Mode::Restart => "restart",
+    }
+}
+
+/// One line for an event.
+pub fn event_line(i: usize, e: &Event) -> String {
+    match e {
+        Event::Syscall(s) => {
+            let bytes: usize = s.writes.iter().map(|w| w.data.len()).sum();
+            let mut line = format!(
+                "#{i} [{}] {}({}) = {} <{}>",
+                s.tid,
+                sysmodel::name(s.nr),
+                fmt_args(s),
+                fmt_ret(s.ret),
+                mode_tag(s.mode)
+            );
+            if bytes > 0 {
+                line.push_str(&format!(" wrote {bytes} bytes"));
+                if let Some(w) = s.writes.first() {
+                    let n = w.data.len().min(32);
+                    line.push_str(&format!(" \"{}\"", show_bytes(&w.data[..n])));
+                    if w.data.len() > n {
+                        line.push_str("...");
+                    }
+                }
+            }
+            if s.hash != 0 {
+                line.push_str(&format!(" hash={:016x}", s.hash));
+            }
+            line
+        }
+        Event::Enter { tid, nr, args } => format!(
+            "#{i} [{tid}] {}({}) <blocked in kernel>",
+            sysmodel::name(*nr),
+            args.iter()
+                .take(3)
+                .map(|a| format!("{a:#x}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Event::Switch { tid } => format!("#{i} [{tid}] --- runs ---"),
+        Event::Spawn { tid, child, flags } => {
+            format!("#{i} [{tid}] +++ new thread {child} (flags {flags:#x}) +++")
+        }
+        Event::Signal { tid, signo, .. } => {
+            format!("#{i} [{tid}] --- signal {} delivered ---", sig_name(*signo))
+        }
+        Event::Fault { tid, signo, rip } => format!(
+            "#{i} [{tid}] --- fault {} at {rip:#x} ---",
+            sig_name(*signo)
+        ),
+        Event::Rdtsc {
+            tid,
+            rip,
+            value,
+            rdtscp,
+            ..
+        } => {
+            format!(
+                "#{i} [{tid}] {} at {rip:#x} = {value}",
+                if *rdtscp { "rdtscp" } else { "rdtsc" }
+            )
+        }
+        Event::Exit { tid, code, group } => {
+            format!(
+                "#{i} [{tid}] {}({code}) = ?",
+                if *group { "exit_group" } else { "exit" }
+            )
+        }
+    }
+}
+
+fn sig_name(s: i32) -> String {
+    nix::sys::signal::Signal::try_from(s)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {s}"))
+}
+
+fn dump(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
+    use std::io::Write;
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    let id = &l.identity;
+    let argv: Vec<String> = id
+        .argv
+        .iter()
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let _ = writeln!(out, "# program: {}", argv.join(" "));
+    let _ = writeln!(
+        out,
+        "# exe: {} sha256 {}",
+        String::from_utf8_lossy(&id.exe),
+        hex(&id.exe_sha256)
+    );
+    let _ = writeln!(
+        out,
+        "# cwd: {}  host: {}  kernel: {}",
+        String::from_utf8_lossy(&id.cwd),
+        id.hostname,
+        id.kernel_release
+    );
+    for (i, e) in l.events.iter().enumerate() {
+        if writeln!(out, "{}", event_line(i, e)).is_err() {
+            return Ok(0); // reader went away (e.g. `| head`)
+        }
+    }
+    let _ = match &l.trailer {
+        Some(t) => writeln!(
+            out,
+            "# end: {} events, exit status {}",
+            t.events, t.exit_status
+        ),
+        None => writeln!(
+            out,
+            "# end: no trailer (recording still running or interrupted)"
+        ),
+    };
+    Ok(0)
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn stats(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
+    let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut sys: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut modes: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut threads = BTreeSet::new();
+    let mut data = 0u64;
+    for e in &l.events {
+        *kinds.entry(e.kind()).or_default() += 1;
+        threads.insert(e.tid());
+        if let Event::Syscall(s) = e {
+            let b: u64 = s.writes.iter().map(|w| w.data.len() as u64).sum();
+            data += b;
+            let ent = sys.entry(sysmodel::name(s.nr)).or_default();
+            ent.0 += 1;
+            ent.1 += b;
+            *modes.entry(mode_tag(s.mode)).or_default() += 1;
+        }
+    }
+    let argv: Vec<String> = l
+        .identity
+        .argv
+        .iter()
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    println!("program:   {}", argv.join(" "));
+    println!("events:    {}", l.events.len());
+    println!(
+        "log bytes: {} ({:.1} per event)",
+        l.bytes,
+        l.bytes as f64 / l.events.len().max(1) as f64
+    );
+    println!("recorded memory: {data} bytes");
+    println!("threads:   {}", threads.len());
+    match &l.trailer {
+        Some(t) => {
+            let d = t.end_unix_ns.saturating_sub(l.identity.start_unix_ns) as f64 / 1e9;
+            println!("duration:  {d:.3} s");
+            println!("exit status: {}", t.exit_status);
+        }
+        None => println!("duration:  unknown (no trailer: recording running or interrupted)"),
+    }
+    println!("events by kind:");
+    for (k, n) in &kinds {
+        println!("  {k:<10} {n}");
+    }
+    println!("syscalls by replay mode:");
+    for (k, n) in &modes {
+        println!("  {k:<12} {n}");
+    }
+    println!("syscalls (count, recorded bytes):");
+    let mut v: Vec<_> = sys.into_iter().collect();
+    v.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    for (name, (n, b)) in v {
+        println!("  {name:<20} {n:>8} {b:>10}");
+    }
+    Ok(0)
+}
+
+fn verify(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
+    match &l.trailer {
+        Some(t) if t.events != l.events.len() as u64 => {
+            eprintln!(
+                "hotstandby: corrupt log: trailer counts {} events but the log holds {}",
+                t.events,
+                l.events.len()
+            );
+            return Ok(EXIT_CORRUPT);
+        }
+        Some(_) => println!("ok: {} events, {} bytes, complete", l.events.len(), l.bytes),
+        None => println!(
+            "ok: {} events, {} bytes, no trailer (recording running or interrupted)",
+            l.events.len(),
+            l.bytes
+        ),
+    }
+    Ok(0)
+}
+
+pub fn replay(dir: &Path, show: bool) -> anyhow::Result<u8> {
+    use hotstandby_replayer::{ReplayError, ReplayOptions};
+    let log = match logfile::load(dir) {
+        Ok(l) => l,
+        Err(e @ (LogError::Corrupt { .. } | LogError::NoHeader { .. })) => {
+            eprintln!("hotstandby: corrupt log: {e}");
+            return Ok(EXIT_CORRUPT);
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening log {}", dir.display())),
+    };
+    match hotstandby_replayer::replay(dir, &log, &ReplayOptions { show_output: show }) {
+        Ok(out) => {
+            eprintln!(
+                "hotstandby: replayed {} events, no divergence (exit status {})",
+                out.events, out.exit_status
+            );
+            Ok(0)
+        }
+        Err(e @ (ReplayError::Divergence(_) | ReplayError::Identity(_))) => {
+            eprintln!("hotstandby: {e}");
+            Ok(EXIT_DIVERGED)
+        }
+        Err(e) => Err(e).context("replay failed"),
+    }
+}

@@ -1,0 +1,88 @@
+//! The `hotstandby` command.
+
+mod logcmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hotstandby",
+    version,
+    about = "Keep a live copy of a Linux server process and fail over to it"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run CMD under the supervisor and record it into a log directory.
+    /// Exits with CMD's status (128+N when killed by signal N).
+    Record {
+        /// New log directory to create.
+        #[arg(long)]
+        log: PathBuf,
+        /// Data directory whose starting state is saved in the log, so
+        /// replay starts from the same files.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The program and its arguments.
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Re-run the recorded program, feeding it the log. Exit 0: replayed
+    /// with no divergence; 3: divergence (first mismatch printed); 4: the
+    /// log is corrupt.
+    Replay {
+        #[arg(long)]
+        log: PathBuf,
+        /// Write the program's external output (stdout/stderr) as replay re-creates it.
+        #[arg(long)]
+        show_output: bool,
+    },
+    /// Inspect a log.
+    Log {
+        #[command(subcommand)]
+        cmd: logcmd::LogCmd,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOTSTANDBY_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("hotstandby: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.cmd {
+        Cmd::Record { log, data_dir, cmd } => {
+            let out = hotstandby_recorder::record(&hotstandby_recorder::RecordOptions {
+                log_dir: log.clone(),
+                argv: cmd,
+                data_dir,
+            })
+            .with_context(|| format!("recording into {}", log.display()))?;
+            tracing::info!(events = out.events, bytes = out.bytes, "recorded");
+            Ok(out.exit_status.clamp(0, 255) as u8)
+        }
+        Cmd::Replay { log, show_output } => logcmd::replay(&log, show_output),
+        Cmd::Log { cmd } => logcmd::run(cmd),
+    }
+}
