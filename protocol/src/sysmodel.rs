@@ -72,6 +72,10 @@ pub enum Class {
     /// Writes to an fd: executed when local; on an external fd only the
     /// hash of the bytes is checked and the write is not emitted.
     FdWrite,
+    /// Acts on the fd in argument 0 without moving data: executed when the
+    /// fd is the program's own, emulated when it is external (an inherited
+    /// terminal answers differently on another machine).
+    FdLocal,
     /// Needs dedicated handling in the supervisor.
     Special,
     /// Answered with ENOSYS on both sides (glibc falls back): rseq, clone3,
@@ -175,15 +179,15 @@ table! {
     SYS_inotify_init1: Local, [Hex], [], false;
     SYS_inotify_add_watch: External, [Fd, Path, Hex], [], false;
     SYS_inotify_rm_watch: External, [Fd, Int], [], false;
-    SYS_lseek: Local, [Fd, Int, Int], [], false;
-    SYS_ftruncate: Local, [Fd, Len], [], false;
+    SYS_lseek: FdLocal, [Fd, Int, Int], [], false;
+    SYS_ftruncate: FdLocal, [Fd, Len], [], false;
     SYS_truncate: Local, [Path, Len], [], false;
-    SYS_fsync: Local, [Fd], [], false;
-    SYS_fdatasync: Local, [Fd], [], false;
-    SYS_sync_file_range: Local, [Fd, Int, Int, Hex], [], false;
-    SYS_fallocate: Local, [Fd, Hex, Int, Len], [], false;
-    SYS_fadvise64: Local, [Fd, Int, Len, Int], [], false;
-    SYS_flock: Local, [Fd, Hex], [], true;
+    SYS_fsync: FdLocal, [Fd], [], false;
+    SYS_fdatasync: FdLocal, [Fd], [], false;
+    SYS_sync_file_range: FdLocal, [Fd, Int, Int, Hex], [], false;
+    SYS_fallocate: FdLocal, [Fd, Hex, Int, Len], [], false;
+    SYS_fadvise64: FdLocal, [Fd, Int, Len, Int], [], false;
+    SYS_flock: FdLocal, [Fd, Hex], [], true;
     SYS_mkdir: Local, [Path, Hex], [], false;
     SYS_mkdirat: Local, [Fd, Path, Hex], [], false;
     SYS_rmdir: Local, [Path], [], false;
@@ -197,10 +201,10 @@ table! {
     SYS_symlink: Local, [Path, Ptr], [], false;
     SYS_symlinkat: Local, [Path, Fd, Ptr], [], false;
     SYS_chmod: Local, [Path, Hex], [], false;
-    SYS_fchmod: Local, [Fd, Hex], [], false;
+    SYS_fchmod: FdLocal, [Fd, Hex], [], false;
     SYS_fchmodat: Local, [Fd, Path, Hex], [], false;
     SYS_chown: Local, [Path, Int, Int], [], false;
-    SYS_fchown: Local, [Fd, Int, Int], [], false;
+    SYS_fchown: FdLocal, [Fd, Int, Int], [], false;
     SYS_lchown: Local, [Path, Int, Int], [], false;
     SYS_fchownat: Local, [Fd, Path, Int, Int, Hex], [], false;
     SYS_utimensat: Local, [Fd, Path, Ptr, Hex], [], false;

@@ -593,6 +593,10 @@ impl Recorder {
             Class::LocalInject => p.mode = Mode::ExecutedInjected,
             Class::External => p.mode = Mode::Emulated,
             Class::Refuse => return self.refuse(pid, regs, libc::ENOSYS, None),
+            Class::FdLocal => {
+                let k = self.fds.kind(tgid, args[0] as i32);
+                p.mode = if k == FdKind::External { Mode::Emulated } else { Mode::Executed };
+            }
             Class::FdRead | Class::FdWrite => {
                 let k = self.fds.kind(tgid, args[0] as i32);
                 p.fd_kind = Some(k);
@@ -634,7 +638,11 @@ impl Recorder {
                 }
                 libc::SYS_accept | libc::SYS_accept4 => p.mode = Mode::PlaceholderFd,
                 libc::SYS_rt_sigsuspend | libc::SYS_restart_syscall => p.mode = Mode::Emulated,
-                libc::SYS_fcntl => p.mode = Mode::Executed,
+                libc::SYS_fcntl => {
+                    let k = self.fds.kind(tgid, args[0] as i32);
+                    let dup = matches!(args[1] as i32, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC);
+                    p.mode = if k == FdKind::External && !dup { Mode::Emulated } else { Mode::Executed };
+                }
                 libc::SYS_ioctl => {
                     let k = self.fds.kind(tgid, args[0] as i32);
                     match ioctl_policy(args[1], k) {

@@ -297,6 +297,7 @@ impl Engine<'_> {
         let events = &self.log.events;
         while self.idx < events.len() {
             let ev = &events[self.idx];
+            tracing::trace!(idx = self.idx, ?ev, "replay");
             match ev {
                 Event::Syscall(s) => self.on_syscall(s)?,
                 Event::Enter { tid, nr, args } => {
