@@ -175,6 +175,7 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
         })?;
     }
     let pid = tracee::spawn(&id, None)?;
+    forward_signals(pid);
     let mut r = Recorder {
         log,
         threads: BTreeMap::new(),
@@ -209,6 +210,36 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
         events,
         bytes,
     })
+}
+
+static TRACEE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = TRACEE.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe and takes plain integers.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to the supervisor go to the
+/// program (which then records them like any other signal) instead of
+/// ending the supervisor and losing the end of the log.
+fn forward_signals(pid: i32) {
+    TRACEE.store(pid, std::sync::atomic::Ordering::Relaxed);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        // SAFETY: installs an async-signal-safe handler (it only calls
+        // kill); the sigaction struct is fully initialised.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = forward as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
 }
 
 /// Copy a directory tree (regular files, directories, symlinks).

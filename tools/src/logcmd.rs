@@ -239,6 +239,14 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Print to stdout, ignoring a closed pipe (`| head`).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 fn stats(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
     let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
     let mut sys: BTreeMap<String, (u64, u64)> = BTreeMap::new();
@@ -263,36 +271,36 @@ fn stats(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
         .iter()
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    println!("program:   {}", argv.join(" "));
-    println!("events:    {}", l.events.len());
-    println!(
+    out!("program:   {}", argv.join(" "));
+    out!("events:    {}", l.events.len());
+    out!(
         "log bytes: {} ({:.1} per event)",
         l.bytes,
         l.bytes as f64 / l.events.len().max(1) as f64
     );
-    println!("recorded memory: {data} bytes");
-    println!("threads:   {}", threads.len());
+    out!("recorded memory: {data} bytes");
+    out!("threads:   {}", threads.len());
     match &l.trailer {
         Some(t) => {
             let d = t.end_unix_ns.saturating_sub(l.identity.start_unix_ns) as f64 / 1e9;
-            println!("duration:  {d:.3} s");
-            println!("exit status: {}", t.exit_status);
+            out!("duration:  {d:.3} s");
+            out!("exit status: {}", t.exit_status);
         }
-        None => println!("duration:  unknown (no trailer: recording running or interrupted)"),
+        None => out!("duration:  unknown (no trailer: recording running or interrupted)"),
     }
-    println!("events by kind:");
+    out!("events by kind:");
     for (k, n) in &kinds {
-        println!("  {k:<10} {n}");
+        out!("  {k:<10} {n}");
     }
-    println!("syscalls by replay mode:");
+    out!("syscalls by replay mode:");
     for (k, n) in &modes {
-        println!("  {k:<12} {n}");
+        out!("  {k:<12} {n}");
     }
-    println!("syscalls (count, recorded bytes):");
+    out!("syscalls (count, recorded bytes):");
     let mut v: Vec<_> = sys.into_iter().collect();
     v.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
     for (name, (n, b)) in v {
-        println!("  {name:<20} {n:>8} {b:>10}");
+        out!("  {name:<20} {n:>8} {b:>10}");
     }
     Ok(0)
 }
@@ -307,8 +315,8 @@ fn verify(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
             );
             return Ok(EXIT_CORRUPT);
         }
-        Some(_) => println!("ok: {} events, {} bytes, complete", l.events.len(), l.bytes),
-        None => println!(
+        Some(_) => out!("ok: {} events, {} bytes, complete", l.events.len(), l.bytes),
+        None => out!(
             "ok: {} events, {} bytes, no trailer (recording running or interrupted)",
             l.events.len(),
             l.bytes
