@@ -93,15 +93,7 @@ impl LogWriter {
     pub fn append(&mut self, rec: &Record) -> Result<(), LogError> {
         // Frames must start 16-aligned relative to the stream start.
         debug_assert_eq!((self.written as usize + self.buf.len()) % frame::ALIGN, 0);
-        let base = self.buf.len();
-        // encode_frame asserts alignment of the vector it appends to; the
-        // buffer always starts at an aligned stream offset.
-        let mut tmp = std::mem::take(&mut self.buf);
-        if base % frame::ALIGN != 0 {
-            unreachable!("buffer is kept aligned");
-        }
-        frame::encode_frame(&mut tmp, self.seq, rec);
-        self.buf = tmp;
+        frame::encode_frame(&mut self.buf, self.seq, rec);
         self.seq += 1;
         if matches!(rec, Record::Event(_)) {
             self.events += 1;

@@ -136,8 +136,8 @@ pub fn collect_outputs(
             }
             Out::FdSets => {
                 let bytes = (args[0] as usize).div_ceil(64) * 8;
-                for a in 1..=3 {
-                    push(args[a], bytes, &mut out)?;
+                for set in &args[1..=3] {
+                    push(*set, bytes, &mut out)?;
                 }
             }
         }

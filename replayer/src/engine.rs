@@ -126,9 +126,38 @@ struct KillGuard(i32, bool);
 impl Drop for KillGuard {
     fn drop(&mut self) {
         if self.1 {
-            let _ =
-                nix::sys::signal::kill(Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
-            while waitpid(Pid::from_raw(-1), Some(WaitPidFlag::__WALL)).is_ok() {}
+            kill_and_reap(self.0);
+        }
+    }
+}
+
+/// SIGKILL a traced program and collect its threads, bounded in time: a
+/// thread caught in a ptrace stop on its way out is detached.
+pub fn kill_and_reap(pid: i32) {
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    for _ in 0..3000 {
+        match waitpid(
+            Pid::from_raw(-1),
+            Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+        ) {
+            Ok(WaitStatus::StillAlive) => {
+                if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                    for t in rd.flatten() {
+                        if let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() {
+                            let _ = nix::sys::ptrace::detach(Pid::from_raw(tid), None);
+                        }
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => {}
+            Ok(s) => {
+                if let Some(p) = s.pid() {
+                    let _ = sys::cont(p.as_raw(), 0);
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(_) => break,
         }
     }
 }

@@ -1,1 +1,199 @@
-//! Helpers for integration tests.
+//! Helpers for the integration tests in `tests/tests/`: scratch
+//! directories, building the C test programs, running `hotstandby record`
+//! and `replay`, free loopback ports.
+//!
+//! The tests need ptrace (and root for the data-directory bind mount);
+//! they fail loudly, never skip, when the machine cannot run them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// A directory under /tmp removed on drop.
+#[derive(Debug)]
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("hotstandby-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create scratch dir");
+        Scratch(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Directory of the test programs' sources.
+pub fn programs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("programs")
+}
+
+/// Compile `programs/NAME.c` into `dir/NAME` with gcc.
+pub fn build_c(name: &str, dir: &Path) -> PathBuf {
+    let out = dir.join(name);
+    let st = Command::new("gcc")
+        .args(["-O1", "-o"])
+        .arg(&out)
+        .arg(programs_dir().join(format!("{name}.c")))
+        .status()
+        .expect("gcc must be installed to build the test programs");
+    assert!(st.success(), "gcc failed on {name}.c");
+    out
+}
+
+/// The real Python interpreter (not the pyenv shim, which forks).
+pub fn python() -> String {
+    let o = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 must be installed");
+    String::from_utf8(o.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
+}
+
+/// Fail loudly if this machine cannot trace processes.
+pub fn require_tracing(bin: &Path) {
+    let s = Scratch::new("preflight");
+    let o = Command::new(bin)
+        .args(["record", "--log"])
+        .arg(s.join("log"))
+        .args(["--", "true"])
+        .output()
+        .expect("run hotstandby");
+    assert!(
+        o.status.success(),
+        "this machine cannot run the record/replay tests (ptrace/seccomp unavailable?): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Fail loudly unless running as root (needed for mount namespaces).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(uid, 0, "this test needs root (private mount namespace for the data directory); run it as root, as CI does");
+}
+
+/// Run `hotstandby record` in `cwd`.
+pub fn record(
+    bin: &Path,
+    log: &Path,
+    cwd: &Path,
+    data_dir: Option<&Path>,
+    argv: &[&str],
+    stdin: Option<&Path>,
+) -> Output {
+    let mut c = Command::new(bin);
+    c.arg("record").arg("--log").arg(log);
+    if let Some(d) = data_dir {
+        c.arg("--data-dir").arg(d);
+    }
+    c.arg("--").args(argv).current_dir(cwd);
+    match stdin {
+        Some(f) => c.stdin(std::fs::File::open(f).expect("stdin file")),
+        None => c.stdin(Stdio::null()),
+    };
+    c.output().expect("run hotstandby record")
+}
+
+/// Run `hotstandby replay --show-output`.
+pub fn replay(bin: &Path, log: &Path) -> Output {
+    Command::new(bin)
+        .args(["replay", "--show-output", "--log"])
+        .arg(log)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hotstandby replay")
+}
+
+/// Record, replay, and check that the replay reproduced the program's
+/// output exactly. Returns the recorded stdout.
+pub fn roundtrip(
+    bin: &Path,
+    name: &str,
+    argv: &[&str],
+    cwd: &Path,
+    stdin: Option<&Path>,
+) -> Vec<u8> {
+    let s = Scratch::new(&format!("rt-{name}"));
+    let log = s.join("log");
+    let rec = record(bin, &log, cwd, None, argv, stdin);
+    assert!(
+        rec.status.success(),
+        "{name}: record failed: {:?}\n{}",
+        rec.status,
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    assert!(
+        !rec.stdout.is_empty(),
+        "{name}: the program printed nothing"
+    );
+    let rep = replay(bin, &log);
+    assert_eq!(
+        rep.status.code(),
+        Some(0),
+        "{name}: replay did not succeed: {}",
+        String::from_utf8_lossy(&rep.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&rep.stdout),
+        String::from_utf8_lossy(&rec.stdout),
+        "{name}: replayed output differs from the recorded output"
+    );
+    rec.stdout
+}
+
+/// A TCP port on 127.0.0.1 that is free right now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Wait until something listens on `port` (bounded).
+pub fn wait_listening(port: u16) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("nothing listens on port {port} after 5 s");
+}
+
+/// A tiny deterministic PRNG for test inputs (xorshift64*), seeded by time.
+#[derive(Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new() -> Self {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos() as u64;
+        Rng(t | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self::new()
+    }
+}

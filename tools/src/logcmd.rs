@@ -26,9 +26,9 @@ pub enum LogCmd {
 
 pub fn run(cmd: LogCmd) -> anyhow::Result<u8> {
     match cmd {
-        LogCmd::Dump { dir } => with_log(&dir, |l| dump(l)),
-        LogCmd::Stats { dir } => with_log(&dir, |l| stats(l)),
-        LogCmd::Verify { dir } => with_log(&dir, |l| verify(l)),
+        LogCmd::Dump { dir } => with_log(&dir, dump),
+        LogCmd::Stats { dir } => with_log(&dir, stats),
+        LogCmd::Verify { dir } => with_log(&dir, verify),
     }
 }
 
@@ -298,7 +298,7 @@ fn stats(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
     }
     out!("syscalls (count, recorded bytes):");
     let mut v: Vec<_> = sys.into_iter().collect();
-    v.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1 .0));
     for (name, (n, b)) in v {
         out!("  {name:<20} {n:>8} {b:>10}");
     }
