@@ -98,12 +98,12 @@ pub fn file_header() -> [u8; FILE_HEADER_LEN] {
 
 /// Check a file header; returns the offset of the first frame.
 pub fn check_file_header(bytes: &[u8]) -> Result<usize, FrameError> {
-    if bytes.len() < 8 || bytes[..8] != MAGIC {
-        if bytes.len() >= 8 || !MAGIC.starts_with(bytes) {
-            return Err(FrameError::BadMagic {
-                found: bytes[..bytes.len().min(8)].to_vec(),
-            });
-        }
+    let magic_ok = bytes.len() >= 8 && bytes[..8] == MAGIC;
+    let magic_prefix = bytes.len() < 8 && MAGIC.starts_with(bytes);
+    if !magic_ok && !magic_prefix {
+        return Err(FrameError::BadMagic {
+            found: bytes[..bytes.len().min(8)].to_vec(),
+        });
     }
     if bytes.len() < FILE_HEADER_LEN {
         return Err(FrameError::ShortHeader { len: bytes.len() });
