@@ -147,6 +147,8 @@ struct Recorder {
     exit_status: Option<i32>,
     early_stops: HashSet<i32>,
     warned: HashSet<u64>,
+    /// The thread that last ran user code (for time slices).
+    last_run: Option<i32>,
 }
 
 /// Record a program into `opts.log_dir`. Blocks until it exits.
@@ -189,6 +191,7 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
         exit_status: None,
         early_stops: HashSet::new(),
         warned: HashSet::new(),
+        last_run: Some(pid),
     };
     r.threads.insert(
         pid,
@@ -804,7 +807,10 @@ impl Recorder {
     fn schedule(&mut self, t: i32) -> Result<(), RecordError> {
         let st = std::mem::replace(&mut self.th(t).st, St::Running);
         self.current = Some(t);
-        self.th(t).slice = 0;
+        if self.last_run != Some(t) {
+            self.th(t).slice = 0;
+            self.last_run = Some(t);
+        }
         match st {
             St::Ready => {
                 self.log.event(Event::Switch { tid: t as u32 })?;

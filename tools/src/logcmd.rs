@@ -256,6 +256,9 @@ fn stats(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
     for e in &l.events {
         *kinds.entry(e.kind()).or_default() += 1;
         threads.insert(e.tid());
+        if let Event::Spawn { child, .. } = e {
+            threads.insert(*child);
+        }
         if let Event::Syscall(s) = e {
             let b: u64 = s.writes.iter().map(|w| w.data.len() as u64).sum();
             data += b;

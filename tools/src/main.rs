@@ -1,5 +1,6 @@
 //! The `hotstandby` command.
 
+mod demo;
 mod logcmd;
 
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ enum Cmd {
         #[arg(long)]
         show_output: bool,
     },
+    /// Record a real redis-server serving a client, replay it offline and
+    /// show that the replay took exactly the recorded path.
+    Demo,
     /// Inspect a log.
     Log {
         #[command(subcommand)]
@@ -84,5 +88,6 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Cmd::Replay { log, show_output } => logcmd::replay(&log, show_output),
         Cmd::Log { cmd } => logcmd::run(cmd),
+        Cmd::Demo => demo::run(),
     }
 }
