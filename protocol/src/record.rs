@@ -98,12 +98,15 @@ pub enum Event {
     Switch { tid: u32 },
     /// A new thread `child` was created by `tid` (clone with CLONE_THREAD).
     Spawn { tid: u32, child: u32, flags: u64 },
-    /// A signal is delivered to `tid` at its current syscall boundary.
-    /// `siginfo` is the kernel's 128-byte siginfo_t.
+    /// A signal is delivered to `tid` at a syscall boundary. `siginfo` is
+    /// the kernel's 128-byte siginfo_t. With `at_entry`, at the thread's
+    /// next syscall entry, which is rewound and made again after the
+    /// handler; without, on the return of its last logged syscall.
     Signal {
         tid: u32,
         signo: i32,
         siginfo: Vec<u8>,
+        at_entry: bool,
     },
     /// A synchronous fault delivered where it happened (same on replay).
     Fault { tid: u32, signo: i32, rip: u64 },

@@ -10,7 +10,7 @@
 //! Asynchronous signals are held back and delivered at a syscall boundary,
 //! which is logged as a `Signal` event.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 use hotstandby_protocol::record::{Event, Identity, MemWrite, Mode, SyscallEvent};
@@ -70,7 +70,7 @@ pub(crate) const ERESTARTNOINTR: i64 = -513;
 pub(crate) const ERESTARTNOHAND: i64 = -514;
 pub(crate) const ERESTART_RESTARTBLOCK: i64 = -516;
 
-pub(crate) fn is_restart(ret: i64) -> bool {
+pub fn is_restart(ret: i64) -> bool {
     matches!(
         ret,
         ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND | ERESTART_RESTARTBLOCK
@@ -92,8 +92,6 @@ struct Pending {
     fd_kind: Option<FdKind>,
     /// Emulated ioctl outputs.
     ioctl_out: &'static [Out],
-    /// Thread created by this clone.
-    child: Option<i32>,
 }
 
 #[derive(Debug)]
@@ -127,6 +125,14 @@ struct Th {
     expect: Option<(i32, Vec<u8>)>,
 }
 
+/// What the supervisor tracks per process.
+#[derive(Debug, Clone)]
+struct Proc {
+    fds: FdTable,
+    /// (handler, flags) per signal, as set with rt_sigaction.
+    sigact: [(u64, u64); 65],
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Disp {
     Ignore,
@@ -141,8 +147,8 @@ struct Recorder {
     current: Option<i32>,
     tentative: Option<i32>,
     pending_sigs: VecDeque<(i32, Vec<u8>)>,
-    fds: FdTable,
-    sigact: [(u64, u64); 65],
+    /// Per-process state, by tgid.
+    procs: HashMap<i32, Proc>,
     leader: i32,
     exit_status: Option<i32>,
     early_stops: HashSet<i32>,
@@ -185,8 +191,13 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
         current: None,
         tentative: None,
         pending_sigs: VecDeque::new(),
-        fds: FdTable::inherit(pid),
-        sigact: [(0, 0); 65],
+        procs: HashMap::from([(
+            pid,
+            Proc {
+                fds: FdTable::inherit(pid),
+                sigact: [(0, 0); 65],
+            },
+        )]),
         leader: pid,
         exit_status: None,
         early_stops: HashSet::new(),
@@ -390,14 +401,18 @@ impl Recorder {
             }
             libc::PTRACE_EVENT_CLONE | libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK => {
                 let child = sys::event_msg(pid)? as i32;
-                if let St::InKernel(p) = &mut self.th(pid).st {
-                    p.child = Some(child);
-                }
+                let flags = match &self.th(pid).st {
+                    St::InKernel(p) => clone_flags(p.nr, &p.args),
+                    _ => 0,
+                };
+                self.spawned(pid, child, flags)?;
                 sys::syscall(pid, 0)?;
             }
             libc::PTRACE_EVENT_EXEC => {
                 sys::hide_vdso(pid)?;
-                for a in self.sigact.iter_mut() {
+                let tgid = self.th(pid).tgid;
+                // Handlers reset to default at exec; ignored stays ignored.
+                for a in self.proc(tgid).sigact.iter_mut() {
                     if a.0 > 1 {
                         *a = (0, 0);
                     }
@@ -447,8 +462,51 @@ impl Recorder {
         }
     }
 
-    fn disposition(&self, sig: i32) -> Disp {
-        let (h, flags) = self.sigact.get(sig as usize).copied().unwrap_or((0, 0));
+    fn proc(&mut self, tgid: i32) -> &mut Proc {
+        self.procs.entry(tgid).or_insert_with(|| Proc {
+            fds: FdTable::default(),
+            sigact: [(0, 0); 65],
+        })
+    }
+
+    /// A new thread or process appeared (ptrace clone/fork/vfork event).
+    fn spawned(&mut self, parent: i32, child: i32, flags: u64) -> Result<(), RecordError> {
+        let ptgid = self.th(parent).tgid;
+        let tgid = if flags & libc::CLONE_THREAD as u64 != 0 {
+            ptgid
+        } else {
+            let copy = self.proc(ptgid).clone();
+            self.procs.insert(child, copy);
+            child
+        };
+        let started = self.early_stops.remove(&child);
+        self.threads.insert(
+            child,
+            Th {
+                tgid,
+                st: if started { St::Ready } else { St::Starting },
+                slice: 0,
+                resumed_rip: None,
+                expect: None,
+            },
+        );
+        if started {
+            self.runq.push_back(child);
+        }
+        self.log.event(Event::Spawn {
+            tid: parent as u32,
+            child: child as u32,
+            flags,
+        })?;
+        Ok(())
+    }
+
+    fn disposition(&self, tgid: i32, sig: i32) -> Disp {
+        let (h, flags) = self
+            .procs
+            .get(&tgid)
+            .and_then(|p| p.sigact.get(sig as usize).copied())
+            .unwrap_or((0, 0));
         match h {
             0 => match sig {
                 libc::SIGCHLD | libc::SIGURG | libc::SIGWINCH | libc::SIGCONT => Disp::Ignore,
@@ -485,7 +543,7 @@ impl Recorder {
         let st = std::mem::replace(&mut self.th(pid).st, St::Running);
         match st {
             St::Restarting(p, code) => {
-                if self.disposition(sig) == Disp::Ignore {
+                if self.disposition(self.threads[&pid].tgid, sig) == Disp::Ignore {
                     self.th(pid).st = St::InKernel(p);
                     return Ok(sys::syscall(pid, 0)?);
                 }
@@ -519,7 +577,7 @@ impl Recorder {
                     })?;
                     return Ok(sys::cont(pid, sig)?);
                 }
-                if self.disposition(sig) == Disp::Ignore {
+                if self.disposition(self.threads[&pid].tgid, sig) == Disp::Ignore {
                     return Ok(sys::cont(pid, 0)?);
                 }
                 if self.th(pid).resumed_rip == Some(regs.rip) {
@@ -529,6 +587,7 @@ impl Recorder {
                         tid: pid as u32,
                         signo: sig,
                         siginfo: info,
+                        at_entry: false,
                     })?;
                     return Ok(sys::cont(pid, sig)?);
                 }
@@ -591,6 +650,7 @@ impl Recorder {
                 tid: pid as u32,
                 signo: sig,
                 siginfo: info.clone(),
+                at_entry: true,
             })?;
             regs.orig_rax = u64::MAX;
             regs.rax = nr as u64;
@@ -619,7 +679,6 @@ impl Recorder {
             path: Vec::new(),
             fd_kind: None,
             ioctl_out: &[],
-            child: None,
         };
         let mut blocking = spec.blocking;
         match spec.class {
@@ -628,57 +687,65 @@ impl Recorder {
             Class::External => p.mode = Mode::Emulated,
             Class::Refuse => return self.refuse(pid, regs, libc::ENOSYS, None),
             Class::FdLocal => {
-                let k = self.fds.kind(tgid, args[0] as i32);
-                p.mode = if k == FdKind::External { Mode::Emulated } else { Mode::Executed };
+                let k = self.proc(tgid).fds.kind(tgid, args[0] as i32);
+                p.mode = if k == FdKind::External {
+                    Mode::Emulated
+                } else {
+                    Mode::Executed
+                };
             }
             Class::FdRead | Class::FdWrite => {
-                let k = self.fds.kind(tgid, args[0] as i32);
+                let k = self.proc(tgid).fds.kind(tgid, args[0] as i32);
                 p.fd_kind = Some(k);
-                p.mode = if k == FdKind::External { Mode::Emulated } else { Mode::Executed };
+                p.mode = if k == FdKind::External {
+                    Mode::Emulated
+                } else {
+                    Mode::Executed
+                };
                 if k == FdKind::File {
                     blocking = false;
                 }
             }
             Class::Special => match nr as i64 {
-                libc::SYS_clone => {
-                    if args[0] & libc::CLONE_THREAD as u64 == 0 {
+                libc::SYS_clone | libc::SYS_fork | libc::SYS_vfork => {
+                    // Threads and child processes are followed; a vfork
+                    // parent waits in the kernel until its child execs.
+                    p.mode = Mode::Executed;
+                    blocking = clone_flags(nr, &args) & libc::CLONE_VFORK as u64 != 0;
+                }
+                libc::SYS_execve | libc::SYS_execveat => {
+                    if self.threads.values().filter(|t| t.tgid == tgid).count() > 1 {
                         return self.refuse(
                             pid,
                             regs,
                             libc::ENOSYS,
-                            Some("the program tried to create a child process (clone without CLONE_THREAD); following child processes is not supported, so it failed with ENOSYS".into()),
+                            Some("execve from a multi-threaded program is not supported".into()),
                         );
                     }
                     p.mode = Mode::Executed;
                 }
-                libc::SYS_fork | libc::SYS_vfork => {
-                    return self.refuse(
-                        pid,
-                        regs,
-                        libc::ENOSYS,
-                        Some("the program called fork/vfork; following child processes is not supported, so it failed with ENOSYS".into()),
-                    )
-                }
-                libc::SYS_execve | libc::SYS_execveat => {
-                    if self.threads.values().filter(|t| t.tgid == tgid).count() > 1 {
-                        return self.refuse(pid, regs, libc::ENOSYS, Some("execve from a multi-threaded program is not supported".into()));
-                    }
-                    p.mode = Mode::Executed;
-                }
                 libc::SYS_exit | libc::SYS_exit_group => return self.on_exit_call(pid, nr, args),
-                libc::SYS_kill | libc::SYS_tkill | libc::SYS_tgkill | libc::SYS_rt_sigqueueinfo | libc::SYS_rt_tgsigqueueinfo => {
+                libc::SYS_kill
+                | libc::SYS_tkill
+                | libc::SYS_tgkill
+                | libc::SYS_rt_sigqueueinfo
+                | libc::SYS_rt_tgsigqueueinfo => {
                     // Executed here; on replay the signal comes from the log.
                     p.mode = Mode::Emulated;
                 }
                 libc::SYS_accept | libc::SYS_accept4 => p.mode = Mode::PlaceholderFd,
                 libc::SYS_rt_sigsuspend | libc::SYS_restart_syscall => p.mode = Mode::Emulated,
                 libc::SYS_fcntl => {
-                    let k = self.fds.kind(tgid, args[0] as i32);
+                    let k = self.proc(tgid).fds.kind(tgid, args[0] as i32);
                     let dup = matches!(args[1] as i32, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC);
-                    p.mode = if k == FdKind::External && !dup { Mode::Emulated } else { Mode::Executed };
+                    p.mode = if k == FdKind::External && !dup {
+                        Mode::Emulated
+                    } else {
+                        Mode::Executed
+                    };
                 }
                 libc::SYS_ioctl => {
-                    let k = self.fds.kind(tgid, args[0] as i32);
+                    let k = self.proc(tgid).fds.kind(tgid, args[0] as i32);
                     match ioctl_policy(args[1], k) {
                         IoctlPolicy::Execute => p.mode = Mode::Executed,
                         IoctlPolicy::Emulate(out) => {
@@ -819,7 +886,7 @@ impl Recorder {
             }
             St::Done(p, regs) => self.complete(t, p, regs)?,
             St::Interrupted(p, code, sig, info) => {
-                let restart = match self.disposition(sig) {
+                let restart = match self.disposition(self.threads[&t].tgid, sig) {
                     Disp::Handler { restart } => match code {
                         ERESTARTSYS => restart,
                         ERESTARTNOINTR => true,
@@ -850,6 +917,7 @@ impl Recorder {
                     tid: t as u32,
                     signo: sig,
                     siginfo: info,
+                    at_entry: false,
                 })?;
                 self.th(t).resumed_rip = None;
                 sys::cont(t, sig)?;
@@ -899,27 +967,6 @@ impl Recorder {
         if ret >= 0 {
             self.track(t, tgid, &p, ret)?;
         }
-        if let Some(child) = p.child.filter(|_| ret > 0) {
-            let started = self.early_stops.remove(&child);
-            self.threads.insert(
-                child,
-                Th {
-                    tgid,
-                    st: if started { St::Ready } else { St::Starting },
-                    slice: 0,
-                    resumed_rip: None,
-                    expect: None,
-                },
-            );
-            if started {
-                self.runq.push_back(child);
-            }
-            self.log.event(Event::Spawn {
-                tid: t as u32,
-                child: child as u32,
-                flags: p.args[0],
-            })?;
-        }
         self.log.event(Event::Syscall(SyscallEvent {
             tid: t as u32,
             nr: p.nr,
@@ -955,7 +1002,7 @@ impl Recorder {
         let a = &p.args;
         match p.nr as i64 {
             libc::SYS_open | libc::SYS_openat | libc::SYS_creat | libc::SYS_memfd_create => {
-                self.fds.opened(tgid, ret as i32)
+                self.proc(tgid).fds.opened(tgid, ret as i32)
             }
             libc::SYS_socket
             | libc::SYS_accept
@@ -963,11 +1010,11 @@ impl Recorder {
             | libc::SYS_timerfd_create
             | libc::SYS_signalfd
             | libc::SYS_signalfd4
-            | libc::SYS_inotify_init1 => self.fds.set(ret as i32, FdKind::External),
+            | libc::SYS_inotify_init1 => self.proc(tgid).fds.set(ret as i32, FdKind::External),
             libc::SYS_eventfd
             | libc::SYS_eventfd2
             | libc::SYS_epoll_create
-            | libc::SYS_epoll_create1 => self.fds.set(ret as i32, FdKind::Internal),
+            | libc::SYS_epoll_create1 => self.proc(tgid).fds.set(ret as i32, FdKind::Internal),
             libc::SYS_pipe | libc::SYS_pipe2 | libc::SYS_socketpair => {
                 let at = if p.nr as i64 == libc::SYS_socketpair {
                     a[3]
@@ -976,30 +1023,42 @@ impl Recorder {
                 };
                 let b = sys::read_mem(t, at, 8)?;
                 for c in b.chunks_exact(4) {
-                    self.fds.set(
+                    self.proc(tgid).fds.set(
                         i32::from_le_bytes(c.try_into().expect("4")),
                         FdKind::Internal,
                     );
                 }
             }
-            libc::SYS_dup => self.fds.dup(tgid, a[0] as i32, ret as i32),
-            libc::SYS_dup2 | libc::SYS_dup3 => self.fds.dup(tgid, a[0] as i32, a[1] as i32),
-            libc::SYS_fcntl if matches!(a[1] as i32, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) => {
-                self.fds.dup(tgid, a[0] as i32, ret as i32)
+            libc::SYS_dup => self.proc(tgid).fds.dup(tgid, a[0] as i32, ret as i32),
+            libc::SYS_dup2 | libc::SYS_dup3 => {
+                self.proc(tgid).fds.dup(tgid, a[0] as i32, a[1] as i32)
             }
-            libc::SYS_close => self.fds.close(a[0] as i32),
-            libc::SYS_close_range => self.fds.close_range(a[0] as u32, a[1] as u32),
+            libc::SYS_fcntl if matches!(a[1] as i32, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) => {
+                self.proc(tgid).fds.dup(tgid, a[0] as i32, ret as i32)
+            }
+            libc::SYS_close => self.proc(tgid).fds.close(a[0] as i32),
+            libc::SYS_close_range => self.proc(tgid).fds.close_range(a[0] as u32, a[1] as u32),
             libc::SYS_rt_sigaction if a[1] != 0 => {
+                let tgid = self.th(t).tgid;
                 let act = sys::read_mem(t, a[1], 16)?;
                 let h = u64::from_le_bytes(act[..8].try_into().expect("8"));
                 let f = u64::from_le_bytes(act[8..].try_into().expect("8"));
-                if let Some(slot) = self.sigact.get_mut(a[0] as usize) {
+                if let Some(slot) = self.proc(tgid).sigact.get_mut(a[0] as usize) {
                     *slot = (h, f);
                 }
             }
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// The clone flags a clone, fork or vfork syscall stands for.
+pub fn clone_flags(nr: u32, args: &[u64; 6]) -> u64 {
+    match nr as i64 {
+        libc::SYS_fork => libc::SIGCHLD as u64,
+        libc::SYS_vfork => (libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD) as u64,
+        _ => args[0],
     }
 }
 

@@ -72,12 +72,17 @@ enum St {
     Ready,
     /// Clone executed at Spawn; its Syscall event sets the result.
     AfterClone(Regs),
+    /// Let into the kernel (a vfork parent, a blocked pipe write); its
+    /// exit stop is collected at its Syscall event.
+    InKernel(Option<Regs>),
     /// Exited.
     Gone,
 }
 
 struct Th {
     live: i32,
+    /// Live thread-group id of its process.
+    tgid: i32,
     st: St,
 }
 
@@ -210,6 +215,7 @@ pub fn replay(
         leader,
         Th {
             live: pid,
+            tgid: pid,
             st: St::Running,
         },
     );
@@ -219,9 +225,28 @@ pub fn replay(
     Ok(out)
 }
 
+fn wait_raw(live: i32) -> Result<WaitStatus, ReplayError> {
+    loop {
+        match waitpid(Pid::from_raw(live), Some(WaitPidFlag::__WALL)) {
+            Ok(s) => return Ok(s),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(ReplayError::Wait(e)),
+        }
+    }
+}
+
+/// Wait for a stop of `live`, passing over the SIGCHLD the kernel sends
+/// when a replayed child process exits (the recorded one comes from the log).
 fn wait_for(live: i32) -> Result<WaitStatus, ReplayError> {
     loop {
         match waitpid(Pid::from_raw(live), Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGCHLD))
+                if sys::get_siginfo(live)
+                    .map(|i| sys::si_code(&i) > 0)
+                    .unwrap_or(false) =>
+            {
+                sys::cont(live, 0)?;
+            }
             Ok(s) => return Ok(s),
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(ReplayError::Wait(e)),
@@ -329,11 +354,7 @@ impl Engine<'_> {
             tracing::trace!(idx = self.idx, ?ev, "replay");
             match ev {
                 Event::Syscall(s) => self.on_syscall(s)?,
-                Event::Enter { tid, nr, args } => {
-                    let r = self.entry(*tid, &call_str(*nr, args))?;
-                    self.check_call(*tid, *nr, args, &r)?;
-                    self.th(*tid)?.st = St::Blocked(r);
-                }
+                Event::Enter { tid, nr, args } => self.on_enter(*tid, *nr, args)?,
                 Event::Switch { tid } => {
                     let th = self.th(*tid)?;
                     match th.st {
@@ -353,7 +374,8 @@ impl Engine<'_> {
                     tid,
                     signo,
                     siginfo,
-                } => self.on_signal(*tid, *signo, siginfo)?,
+                    at_entry,
+                } => self.on_signal(*tid, *signo, siginfo, *at_entry)?,
                 Event::Fault { tid, signo, rip } => {
                     let live = self.th(*tid)?.live;
                     let s = wait_for(live)?;
@@ -434,7 +456,11 @@ impl Engine<'_> {
         let next = self.log.events.get(self.idx + 1);
         let th = self.th(tid)?;
         match next {
-            Some(Event::Signal { tid: t, .. }) if *t == tid => th.st = St::Ready,
+            Some(Event::Signal {
+                tid: t,
+                at_entry: false,
+                ..
+            }) if *t == tid => th.st = St::Ready,
             Some(e) if e.tid() == tid => {
                 th.st = St::Running;
                 let live = th.live;
@@ -453,8 +479,34 @@ impl Engine<'_> {
             sys::set_regs(live, &r)?;
             return self.after(tid);
         }
-        let mut r = self.entry(tid, &call_str(s.nr, &s.args))?;
-        self.check_call(tid, s.nr, &s.args, &r)?;
+        if matches!(self.th(tid)?.st, St::InKernel(None)) {
+            let name = sysmodel::name(s.nr);
+            let mut x = self.finish_exec(tid, live, &name)?;
+            let clone = matches!(
+                s.nr as i64,
+                libc::SYS_clone | libc::SYS_fork | libc::SYS_vfork
+            );
+            if clone {
+                x.rax = s.ret as u64;
+                sys::set_regs(live, &x)?;
+            } else if x.rax as i64 != s.ret {
+                return self.diverge(
+                    tid,
+                    name,
+                    format!("{} = {}", call_str(s.nr, &s.args), s.ret),
+                    format!("= {}", x.rax as i64),
+                );
+            }
+            return self.after(tid);
+        }
+        let (mut r, in_kernel) = match self.th(tid)?.st.clone() {
+            St::InKernel(Some(entry)) => (entry, true),
+            _ => {
+                let r = self.entry(tid, &call_str(s.nr, &s.args))?;
+                self.check_call(tid, s.nr, &s.args, &r)?;
+                (r, false)
+            }
+        };
         if !s.path.is_empty() {
             if let Some(i) = sysmodel::spec(s.nr)
                 .and_then(|sp| sp.args.iter().position(|a| *a == sysmodel::Arg::Path))
@@ -509,6 +561,7 @@ impl Engine<'_> {
                         tid: t,
                         signo,
                         siginfo,
+                        at_entry: false,
                     }) = self.log.events.get(self.idx + 1)
                     {
                         if let Some(mask) = sigmask_arg(live, s.nr, &s.args) {
@@ -532,18 +585,7 @@ impl Engine<'_> {
                 sys::set_regs(live, &r)?;
             }
             Mode::Executed | Mode::ExecutedInjected => {
-                let orig = r;
-                let clamp = s.ret >= 0
-                    && class == Some(Class::FdRead)
-                    && matches!(
-                        s.nr as i64,
-                        libc::SYS_read | libc::SYS_pread64 | libc::SYS_recvfrom
-                    );
-                if clamp {
-                    r.rdx = s.ret as u64;
-                    sys::set_regs(live, &r)?;
-                }
-                let mut x = self.execute(tid, live, &name)?;
+                let mut x = self.run_executed(tid, live, r, s, in_kernel)?;
                 let actual = x.rax as i64;
                 if s.mode == Mode::Executed && actual != s.ret {
                     return self.diverge(
@@ -567,7 +609,6 @@ impl Engine<'_> {
                 if s.mode == Mode::ExecutedInjected {
                     x.rax = s.ret as u64;
                 }
-                x.rdx = orig.rdx;
                 sys::set_regs(live, &x)?;
                 if s.mode == Mode::ExecutedInjected {
                     for w in &s.writes {
@@ -621,8 +662,80 @@ impl Engine<'_> {
     /// Run the syscall the thread is stopped at; return registers at exit.
     fn execute(&mut self, tid: u32, live: i32, name: &str) -> Result<Regs, ReplayError> {
         sys::syscall(live, 0)?;
+        self.finish_exec(tid, live, name)
+    }
+
+    /// Run an executed syscall (or finish one already in the kernel) and
+    /// return its exit registers with the program's argument registers.
+    /// A read from the program's own pipe is asked for exactly the bytes it
+    /// got when recording, and completed on the program's behalf if the
+    /// data arrives in pieces: a pipe is a FIFO, so the bytes are the same.
+    fn run_executed(
+        &mut self,
+        tid: u32,
+        live: i32,
+        entry: Regs,
+        s: &SyscallEvent,
+        in_kernel: bool,
+    ) -> Result<Regs, ReplayError> {
+        let name = sysmodel::name(s.nr);
+        let want = read_fill(s);
+        if !in_kernel {
+            if let Some(w) = want {
+                let mut q = entry;
+                q.rdx = w;
+                sys::set_regs(live, &q)?;
+            }
+            sys::syscall(live, 0)?;
+        }
+        let mut x = self.finish_exec(tid, live, &name)?;
+        let Some(want) = want else { return Ok(x) };
+        let mut total = 0u64;
+        loop {
+            let k = x.rax as i64;
+            if k <= 0 {
+                break;
+            }
+            total += k as u64;
+            if total >= want {
+                break;
+            }
+            // Make the same read again for the rest.
+            x.rip -= 2;
+            x.rax = x.orig_rax;
+            x.rsi = entry.rsi + total;
+            x.rdx = want - total;
+            if s.nr as i64 == libc::SYS_pread64 {
+                x.r10 = entry.r10 + total;
+            }
+            sys::set_regs(live, &x)?;
+            sys::cont(live, 0)?;
+            match wait_for(live)? {
+                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_SECCOMP) => sys::syscall(live, 0)?,
+                other => return self.diverge(tid, name, "the rest of a read", describe(&other)),
+            }
+            x = self.finish_exec(tid, live, &name)?;
+        }
+        if total > 0 {
+            x.rax = total;
+        }
+        x.rsi = entry.rsi;
+        x.rdx = entry.rdx;
+        x.r10 = entry.r10;
+        Ok(x)
+    }
+
+    /// Wait for the exit stop of a syscall already let into the kernel.
+    fn finish_exec(&mut self, tid: u32, live: i32, name: &str) -> Result<Regs, ReplayError> {
         loop {
             match wait_for(live)? {
+                WaitStatus::PtraceSyscall(_)
+                    if hotstandby_recorder::record::is_restart(sys::get_regs(live)?.rax as i64) =>
+                {
+                    // Interrupted by a signal replay passes over: the kernel restarts it.
+                    sys::syscall(live, 0)?;
+                }
+                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_SECCOMP) => sys::syscall(live, 0)?,
                 WaitStatus::PtraceSyscall(_) => return Ok(sys::get_regs(live)?),
                 WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_EXEC) => {
                     sys::hide_vdso(live)?;
@@ -647,7 +760,8 @@ impl Engine<'_> {
         sig: i32,
         info: &[u8],
     ) -> Result<(), ReplayError> {
-        sys::tgkill(self.leader_live, live, sig)?;
+        let tgid = self.th(tid)?.tgid;
+        sys::tgkill(tgid, live, sig)?;
         r.orig_rax = libc::SYS_rt_sigsuspend as u64;
         r.rdi = mask;
         r.rsi = 8;
@@ -664,7 +778,7 @@ impl Engine<'_> {
         sig: i32,
         info: &[u8],
     ) -> Result<(), ReplayError> {
-        match wait_for(live)? {
+        match wait_raw(live)? {
             WaitStatus::Stopped(_, s) if s as i32 == sig => {
                 sys::set_siginfo(live, info)?;
                 sys::cont(live, sig)?;
@@ -680,12 +794,18 @@ impl Engine<'_> {
         }
     }
 
-    fn on_signal(&mut self, tid: u32, sig: i32, info: &[u8]) -> Result<(), ReplayError> {
+    fn on_signal(
+        &mut self,
+        tid: u32,
+        sig: i32,
+        info: &[u8],
+        at_entry: bool,
+    ) -> Result<(), ReplayError> {
         let th = self.th(tid)?;
         let live = th.live;
         match th.st.clone() {
-            St::Ready => {}
-            St::Running | St::AtEntry(_) => {
+            St::Ready if !at_entry => {}
+            St::Running | St::AtEntry(_) if at_entry => {
                 let mut r = self.entry(tid, "a syscall (signal delivery point)")?;
                 r.rax = r.orig_rax;
                 r.orig_rax = u64::MAX;
@@ -701,62 +821,122 @@ impl Engine<'_> {
                 )
             }
         }
-        sys::tgkill(self.leader_live, live, sig)?;
+        let tgid = self.th(tid)?.tgid;
+        sys::tgkill(tgid, live, sig)?;
         sys::cont(live, 0)?;
         self.take_signal(tid, live, sig, info)
     }
 
+    fn on_enter(&mut self, tid: u32, nr: u32, args: &[u64; 6]) -> Result<(), ReplayError> {
+        if matches!(self.th(tid)?.st, St::InKernel(_)) {
+            return Ok(()); // a vfork parent, already waiting in the kernel
+        }
+        let r = self.entry(tid, &call_str(nr, args))?;
+        self.check_call(tid, nr, args, &r)?;
+        // A write to the program's own pipe that blocked while recording
+        // wrote part of its bytes before blocking; readers logged before it
+        // completes may have read them. Let it into the kernel now, as it
+        // was then. Everything else waits at its entry until its result.
+        let completion = self.completion_of(tid).cloned();
+        if let Some(c) = completion.filter(|c| c.mode == Mode::Executed) {
+            let live = self.th(tid)?.live;
+            let mut q = r;
+            if let Some(want) = read_fill(&c) {
+                q.rdx = want;
+                sys::set_regs(live, &q)?;
+            }
+            sys::syscall(live, 0)?;
+            self.th(tid)?.st = St::InKernel(Some(r));
+        } else {
+            self.th(tid)?.st = St::Blocked(r);
+        }
+        Ok(())
+    }
+
+    /// The Syscall event that completes the syscall `tid` entered.
+    fn completion_of(&self, tid: u32) -> Option<&SyscallEvent> {
+        self.log.events[self.idx + 1..]
+            .iter()
+            .find_map(|e| match e {
+                Event::Syscall(s) if s.tid == tid => Some(s),
+                _ => None,
+            })
+    }
+
     fn on_spawn(&mut self, tid: u32, child: u32, flags: u64) -> Result<(), ReplayError> {
         let r = self.entry(tid, "clone")?;
-        if r.orig_rax as i64 != libc::SYS_clone {
+        let nr = r.orig_rax as i64;
+        if !matches!(nr, libc::SYS_clone | libc::SYS_fork | libc::SYS_vfork) {
             return self.diverge(
                 tid,
                 "clone",
-                "clone",
+                "clone, fork or vfork",
                 call_str(r.orig_rax as u32, &model::args_of(&r)),
             );
         }
         let live = self.th(tid)?.live;
+        let ptgid = self.th(tid)?.tgid;
+        let vfork = flags & libc::CLONE_VFORK as u64 != 0;
         sys::syscall(live, 0)?;
         let mut new = None;
-        let exit_regs = loop {
+        let mut exit_regs = None;
+        while new.is_none() || (!vfork && exit_regs.is_none()) {
             match wait_for(live)? {
-                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_CLONE) => {
+                WaitStatus::PtraceEvent(
+                    _,
+                    _,
+                    libc::PTRACE_EVENT_CLONE | libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK,
+                ) => {
                     new = Some(sys::event_msg(live)? as i32);
                     sys::syscall(live, 0)?;
                 }
-                WaitStatus::PtraceSyscall(_) => break sys::get_regs(live)?,
+                WaitStatus::PtraceSyscall(_) => {
+                    let x = sys::get_regs(live)?;
+                    if new.is_none() {
+                        return self.diverge(
+                            tid,
+                            "clone",
+                            format!("a new thread or process {child}"),
+                            format!("clone returned {}", x.rax as i64),
+                        );
+                    }
+                    exit_regs = Some(x);
+                }
                 other => return self.diverge(tid, "clone", "clone to complete", describe(&other)),
             }
-        };
-        let Some(nl) = new else {
-            return self.diverge(
-                tid,
-                "clone",
-                format!("a new thread {child}"),
-                format!("clone returned {}", exit_regs.rax as i64),
-            );
-        };
-        match wait_for(nl)? {
+        }
+        let nl = new.expect("loop ends with a child");
+        match wait_raw(nl)? {
             WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGSTOP) => {}
             other => return self.diverge(child, "new thread", "its first stop", describe(&other)),
         }
-        // The program must see the recorded thread id wherever the kernel wrote the live one.
+        // The program must see the recorded id wherever the kernel wrote the live one.
         let args = model::args_of(&r);
-        if flags & libc::CLONE_PARENT_SETTID as u64 != 0 && args[2] != 0 {
-            sys::write_mem(live, args[2], &child.to_le_bytes())?;
+        if nr == libc::SYS_clone {
+            if flags & libc::CLONE_PARENT_SETTID as u64 != 0 && args[2] != 0 {
+                sys::write_mem(live, args[2], &child.to_le_bytes())?;
+            }
+            if flags & libc::CLONE_CHILD_SETTID as u64 != 0 && args[3] != 0 {
+                sys::write_mem(nl, args[3], &child.to_le_bytes())?;
+            }
         }
-        if flags & libc::CLONE_CHILD_SETTID as u64 != 0 && args[3] != 0 {
-            sys::write_mem(nl, args[3], &child.to_le_bytes())?;
-        }
+        let tgid = if flags & libc::CLONE_THREAD as u64 != 0 {
+            ptgid
+        } else {
+            nl
+        };
         self.threads.insert(
             child,
             Th {
                 live: nl,
+                tgid,
                 st: St::Ready,
             },
         );
-        self.th(tid)?.st = St::AfterClone(exit_regs);
+        self.th(tid)?.st = match exit_regs {
+            Some(x) => St::AfterClone(x),
+            None => St::InKernel(None),
+        };
         Ok(())
     }
 
@@ -779,10 +959,47 @@ impl Engine<'_> {
         sys::cont(live, 0)?;
         self.th(tid)?.st = St::Gone;
         if group {
-            for th in self.threads.values_mut() {
-                th.st = St::Gone;
+            let tgid = self.th(tid)?.tgid;
+            let members: Vec<i32> = self
+                .threads
+                .values_mut()
+                .filter(|t| t.tgid == tgid && !matches!(t.st, St::Gone))
+                .map(|t| {
+                    t.st = St::Gone;
+                    t.live
+                })
+                .collect();
+            members.iter().for_each(|m| sys::forget(*m));
+            if self.threads.values().all(|t| matches!(t.st, St::Gone)) {
+                self.reap_all()?;
+            } else {
+                // Wait until every thread of this process has exited; the
+                // process leader reports last.
+                let mut left: Vec<i32> = members.into_iter().filter(|m| *m != tgid).collect();
+                left.push(tgid);
+                for m in left {
+                    loop {
+                        match wait_raw(m) {
+                            Ok(WaitStatus::Exited(_, c)) => {
+                                if m == self.leader_live {
+                                    self.exit_status = Some(c);
+                                }
+                                break;
+                            }
+                            Ok(WaitStatus::Signaled(_, sg, _)) => {
+                                if m == self.leader_live {
+                                    self.exit_status = Some(128 + sg as i32);
+                                }
+                                break;
+                            }
+                            Ok(_) => {
+                                let _ = sys::cont(m, 0);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
             }
-            self.reap_all()?;
         } else if live != self.leader_live {
             loop {
                 match wait_for(live)? {
@@ -869,6 +1086,18 @@ impl Engine<'_> {
             }
         }
     }
+}
+
+/// For a read of the program's own pipe or file that returned bytes: how
+/// many to ask for on replay.
+fn read_fill(s: &SyscallEvent) -> Option<u64> {
+    let fill = s.mode == Mode::Executed
+        && s.ret > 0
+        && matches!(
+            s.nr as i64,
+            libc::SYS_read | libc::SYS_pread64 | libc::SYS_recvfrom
+        );
+    fill.then_some(s.ret as u64)
 }
 
 /// The signal-mask pointer a mask-changing wait passed, if any.

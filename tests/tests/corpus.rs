@@ -44,10 +44,47 @@ fn sort_random() {
 }
 
 #[test]
-fn sha256_of_urandom() {
-    // `head -c 1M /dev/urandom | sha256sum`, with head outside the
-    // recording (fork is not followed): sha256sum reads the random bytes
-    // from an external pipe, which replay must feed back exactly.
+fn shell_pipeline_head_urandom_sha256sum() {
+    // One recorded shell pipeline: sh forks two children that exec head and
+    // sha256sum, connected by the program's own pipe.
+    let b = bin();
+    let out = roundtrip(
+        &b,
+        "pipeline",
+        &[
+            "sh",
+            "-c",
+            "head -c 1M /dev/urandom | sha256sum; echo status $?",
+        ],
+        Path::new("/tmp"),
+        None,
+    );
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.ends_with("-\nstatus 0\n"), "{out}");
+    assert_eq!(out.lines().next().unwrap().len(), 64 + 3);
+}
+
+#[test]
+fn python3_through_the_pyenv_shim() {
+    // `python3` on PATH here is a bash script that forks and execs; a user
+    // types it, so following fork/exec matters.
+    let b = bin();
+    let script = programs_dir().join("randoms.py");
+    let out = roundtrip(
+        &b,
+        "py-shim",
+        &["python3", script.to_str().unwrap()],
+        Path::new("/tmp"),
+        None,
+    );
+    assert!(String::from_utf8_lossy(&out).contains("uuid4"));
+}
+
+#[test]
+fn sha256_of_urandom_from_outside() {
+    // `head -c 1M /dev/urandom` outside the recording, piped into a
+    // recorded sha256sum: the random bytes arrive on an external pipe,
+    // which replay must feed back exactly.
     let b = bin();
     let s = Scratch::new("sha");
     let log = s.join("log");

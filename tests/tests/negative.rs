@@ -255,29 +255,6 @@ int main(void) {
 }
 
 #[test]
-fn fork_is_refused_with_a_clear_message() {
-    let b = bin();
-    let s = Scratch::new("neg-fork");
-    let log = s.join("log");
-    let py = python();
-    let rec = record(
-        &b,
-        &log,
-        s.path(),
-        None,
-        &[&py, "-c", "import os\ntry:\n    os.fork()\nexcept OSError as e:\n    print('fork failed:', e.errno)"],
-        None,
-    );
-    assert!(rec.status.success());
-    assert!(
-        String::from_utf8_lossy(&rec.stdout).contains(&format!("fork failed: {}", libc::ENOSYS))
-    );
-    assert!(stderr(&rec).contains("child process"), "{}", stderr(&rec));
-    let r = replay(&b, &log);
-    assert_eq!(r.status.code(), Some(0), "{}", stderr(&r));
-}
-
-#[test]
 fn missing_log_directory_is_a_clear_error() {
     let b = bin();
     let o = Command::new(&b)

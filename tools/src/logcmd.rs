@@ -158,6 +158,15 @@ pub fn event_line(i: usize, e: &Event) -> String {
         Event::Spawn { tid, child, flags } => {
             format!("#{i} [{tid}] +++ new thread {child} (flags {flags:#x}) +++")
         }
+        Event::Signal {
+            tid,
+            signo,
+            at_entry: true,
+            ..
+        } => format!(
+            "#{i} [{tid}] --- signal {} delivered before its next syscall ---",
+            sig_name(*signo)
+        ),
         Event::Signal { tid, signo, .. } => {
             format!("#{i} [{tid}] --- signal {} delivered ---", sig_name(*signo))
         }
