@@ -317,8 +317,9 @@ fn tcp_echo_server() {
 }
 
 /// redis-server with 5 threads serves a scripted redis-cli session of
-/// 1,500 commands with random values; the replay runs without any client,
-/// re-creates every reply (their hashes are checked) and the same log.
+/// 1,500 commands with random values, forks a BGSAVE child and saves on
+/// shutdown; the replay runs without any client, re-creates every reply
+/// (their hashes are checked) and the same log output.
 #[test]
 fn redis_server_session() {
     require_root();
@@ -398,6 +399,26 @@ fn redis_server_session() {
         replies.lines().last().unwrap().trim(),
         expect_counter.to_string()
     );
+    // A background save forks a child that writes the snapshot.
+    let cli = |args: &[&str]| {
+        let o = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(cli(&["bgsave"]).contains("Background saving started"));
+    let mut saved = false;
+    for _ in 0..200 {
+        if cli(&["info", "persistence"]).contains("rdb_bgsave_in_progress:0") {
+            saved = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(saved, "BGSAVE did not finish within 5 s");
+    assert!(cli(&["info", "persistence"]).contains("rdb_last_bgsave_status:ok"));
     let st = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "shutdown", "save"])
         .status()
