@@ -25,6 +25,8 @@ best_of() { # best of 3 wall times in ns for a command
 }
 nat=$(best_of "$W/loop" "$N")
 rec=$(best_of "$H" record --log "$W/log" -- "$W/loop" "$N")
+st=0
+if command -v strace >/dev/null; then st=$(best_of strace -f -o /dev/null "$W/loop" "$N"); fi
 rm -rf "$W/log"; "$H" record --log "$W/log" -- "$W/loop" "$N" >/dev/null
 events=$("$H" log stats "$W/log" | awk '/^events:/ {print $2}')
 bytes=$("$H" log stats "$W/log" | awk '/^log bytes:/ {print $3}')
@@ -37,6 +39,7 @@ echo "|---|---|---|"
 echo "| native | $((nat / 1000000)) ms | 1.00 |"
 awk -v n="$nat" -v r="$rec" 'BEGIN { printf "| recorded | %d ms | %.1f× |\n", r/1e6, r/n }'
 awk -v n="$nat" -v r="$rep" 'BEGIN { printf "| replayed | %d ms | %.1f× |\n", r/1e6, r/n }'
+[ "$st" != 0 ] && awk -v n="$nat" -v r="$st" 'BEGIN { printf "| strace -f (reference: a plain ptrace tracer stopping at entry and exit) | %d ms | %.1f× |\n", r/1e6, r/n }'
 echo
 awk -v n="$nat" -v r="$rec" -v c="$calls" -v e="$events" -v b="$bytes" 'BEGIN {
   printf "- recording cost per syscall: %.1f µs (recorded − native, divided by %d syscalls)\n", (r-n)/c/1000, c;
