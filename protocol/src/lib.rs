@@ -7,7 +7,9 @@
 
 pub mod frame;
 pub mod record;
+pub mod session;
 pub mod sysmodel;
+pub mod wire;
 
 pub use frame::{FrameError, FrameReader, FILE_HEADER_LEN, MAGIC, VERSION};
 pub use record::{Event, Identity, MemWrite, Mode, Record, SyscallEvent, Trailer};

@@ -1,0 +1,458 @@
+//! Both sides of a session on virtual time over a simulated link: datagrams
+//! are lost, delayed and reordered; the stream is reliable and ordered (as a
+//! QUIC stream is) but can be cut by a partition or a dead host.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::wire::Message;
+
+const SHA: [u8; 32] = [5; 32];
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() % 10_000) as f64 / 10_000.0 < p
+    }
+    fn range(&mut self, lo: Duration, hi: Duration) -> Duration {
+        let span = (hi - lo).as_micros() as u64;
+        lo + Duration::from_micros(if span == 0 { 0 } else { self.next() % span })
+    }
+}
+
+struct Link {
+    loss: f64,
+    min_delay: Duration,
+    max_delay: Duration,
+    stream_delay: Duration,
+}
+
+struct Pair {
+    now: Instant,
+    start: Instant,
+    p: Primary,
+    s: Standby,
+    link: Link,
+    rng: Rng,
+    to_s: Vec<(Instant, Message)>,
+    to_p: Vec<(Instant, Message)>,
+    p_alive: bool,
+    s_alive: bool,
+    partitioned: bool,
+    connected: bool,
+    /// Log growth per step (bytes).
+    rate: u64,
+    log_end: u64,
+    /// Standby's disk writes lag by this many steps (slow disk).
+    write_backlog: Vec<u64>,
+    disk_delay_steps: usize,
+    lost_at: Option<Duration>,
+}
+
+const STEP: Duration = Duration::from_millis(1);
+
+impl Pair {
+    fn new(link: Link, seed: u64) -> Self {
+        let now = Instant::now();
+        let cfg = Config {
+            max_unacked: 1 << 20,
+            chunk: 64 << 10,
+            ..Config::default()
+        };
+        let mut pair = Pair {
+            now,
+            start: now,
+            p: Primary::new(cfg, 1, SHA),
+            s: Standby::new(cfg, SHA, 0),
+            link,
+            rng: Rng(seed | 1),
+            to_s: vec![],
+            to_p: vec![],
+            p_alive: true,
+            s_alive: true,
+            partitioned: false,
+            connected: false,
+            rate: 2000,
+            log_end: 16,
+            write_backlog: vec![],
+            disk_delay_steps: 0,
+            lost_at: None,
+        };
+        pair.connect();
+        pair
+    }
+
+    fn connect(&mut self) {
+        self.connected = true;
+        self.to_s.clear();
+        self.to_p.clear();
+        self.p.handle_connected(self.now);
+        self.s.handle_connected(self.now);
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    fn send(&mut self, to_standby: bool, t: Transmit) {
+        let (msg, datagram) = match t {
+            Transmit::Stream(m) => (m, false),
+            Transmit::LogRange { offset, len } => (
+                Message::Log {
+                    offset,
+                    bytes: vec![0xab; len as usize],
+                },
+                false,
+            ),
+            Transmit::Datagram(m) => (m, true),
+        };
+        if datagram && (self.partitioned || self.rng.chance(self.link.loss)) {
+            return;
+        }
+        let q = if to_standby {
+            &mut self.to_s
+        } else {
+            &mut self.to_p
+        };
+        let at = if datagram {
+            self.now + self.rng.range(self.link.min_delay, self.link.max_delay)
+        } else {
+            // In order: never before the last stream message queued.
+            let last = q.iter().map(|(t, _)| *t).max().unwrap_or(self.now);
+            (self.now + self.link.stream_delay).max(last)
+        };
+        q.push((at, msg));
+    }
+
+    fn step(&mut self) {
+        self.now += STEP;
+        if self.p_alive {
+            self.log_end += self.rate;
+            self.p.log_appended(self.log_end);
+            if self.connected {
+                while let Some(t) = self.p.poll_transmit(self.now) {
+                    self.send(true, t);
+                }
+            }
+        }
+        if self.s_alive && self.connected {
+            while let Some(t) = self.s.poll_transmit(self.now) {
+                self.send(false, t);
+            }
+        }
+        // Slow disk: writes become durable `disk_delay_steps` later.
+        self.write_backlog.push(0);
+        if !self.partitioned {
+            let due: Vec<Message> = take_due(&mut self.to_s, self.now);
+            for m in due {
+                if !self.s_alive {
+                    continue;
+                }
+                if let Some((off, len)) =
+                    self.s.handle_message(m, self.now).expect("standby accepts")
+                {
+                    *self.write_backlog.last_mut().unwrap() = off + len as u64;
+                }
+            }
+            let due: Vec<Message> = take_due(&mut self.to_p, self.now);
+            for m in due {
+                if self.p_alive {
+                    self.p.handle_message(m, self.now).expect("primary accepts");
+                }
+            }
+        }
+        if self.write_backlog.len() > self.disk_delay_steps {
+            let w = self.write_backlog.remove(0);
+            if w > 0 {
+                self.s.handle_written(w);
+            }
+        }
+        if self.p_alive {
+            self.p.handle_timeout(self.now);
+        }
+        if self.s_alive && self.s.handle_timeout(self.now) && self.lost_at.is_none() {
+            self.lost_at = Some(self.elapsed());
+        }
+    }
+
+    fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.step();
+        }
+    }
+}
+
+fn take_due(q: &mut Vec<(Instant, Message)>, now: Instant) -> Vec<Message> {
+    q.sort_by_key(|(t, _)| *t);
+    let n = q.iter().take_while(|(t, _)| *t <= now).count();
+    q.drain(..n).map(|(_, m)| m).collect()
+}
+
+fn lossy() -> Link {
+    Link {
+        loss: 0.2,
+        min_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(40),
+        stream_delay: Duration::from_millis(2),
+    }
+}
+
+#[test]
+fn no_false_failover_under_loss_delay_and_reordering() {
+    for seed in 1..=5 {
+        let mut pair = Pair::new(lossy(), seed);
+        pair.run(Duration::from_secs(30));
+        assert_eq!(
+            pair.lost_at, None,
+            "seed {seed}: standby declared a live primary lost"
+        );
+        assert_eq!(pair.s.state(), StandbyState::Following);
+        assert_eq!(pair.p.state(), PrimaryState::Protected, "seed {seed}");
+        let lag = pair.log_end - pair.p.acked();
+        assert!(lag < 64 << 10, "seed {seed}: lag {lag} bytes");
+        assert!(!pair.p.should_throttle());
+    }
+}
+
+#[test]
+fn primary_death_is_detected_within_timeout() {
+    for seed in 1..=5 {
+        let mut pair = Pair::new(lossy(), seed);
+        pair.run(Duration::from_secs(5));
+        let died = pair.elapsed();
+        pair.p_alive = false;
+        pair.run(Duration::from_secs(2));
+        let lost = pair.lost_at.expect("primary loss detected");
+        let detect = lost - died;
+        // Last heartbeat heard at most (heartbeat + max delay) before death.
+        assert!(
+            detect <= Duration::from_millis(300 + 2),
+            "seed {seed}: {detect:?}"
+        );
+        assert!(
+            detect >= Duration::from_millis(300 - 50 - 40),
+            "seed {seed}: too early {detect:?}"
+        );
+        assert_eq!(pair.s.state(), StandbyState::PrimaryLost);
+        assert_eq!(pair.s.epoch(), 2, "the standby takes the next epoch");
+        assert!(
+            pair.s.poll_transmit(pair.now).is_none(),
+            "a lost session sends nothing more"
+        );
+    }
+}
+
+#[test]
+fn partition_then_heal_makes_the_old_primary_step_down() {
+    let mut pair = Pair::new(lossy(), 7);
+    pair.run(Duration::from_secs(3));
+    pair.partitioned = true;
+    pair.run(Duration::from_secs(1));
+    assert_eq!(
+        pair.s.state(),
+        StandbyState::PrimaryLost,
+        "standby takes over"
+    );
+    assert_eq!(
+        pair.p.state(),
+        PrimaryState::Unprotected,
+        "primary saw its standby vanish"
+    );
+    assert!(
+        !pair.p.should_throttle(),
+        "an unprotected primary serves on"
+    );
+    // Heal: the new primary dials the old one and announces its epoch.
+    pair.partitioned = false;
+    pair.p.handle_connected(pair.now);
+    let hello = Message::Hello {
+        version_min: crate::wire::VERSION_MIN,
+        version_max: crate::wire::VERSION_MAX,
+        role: Role::Primary,
+        epoch: pair.s.epoch(),
+        resume_offset: 0,
+        exe_sha256: SHA,
+    };
+    pair.p.handle_message(hello, pair.now).unwrap();
+    assert_eq!(pair.p.state(), PrimaryState::SteppedDown);
+    // And heartbeats of a newer primary do the same.
+    let mut p2 = Primary::new(Config::default(), 1, SHA);
+    p2.handle_connected(pair.now);
+    p2.handle_message(
+        Message::Heartbeat {
+            role: Role::Primary,
+            epoch: 2,
+            sent_ms: 0,
+            offset: 0,
+        },
+        pair.now,
+    )
+    .unwrap();
+    assert_eq!(p2.state(), PrimaryState::SteppedDown);
+}
+
+#[test]
+fn standby_death_and_a_new_standby_catching_up() {
+    let mut pair = Pair::new(lossy(), 11);
+    pair.run(Duration::from_secs(2));
+    pair.s_alive = false;
+    pair.run(Duration::from_secs(1));
+    assert_eq!(pair.p.state(), PrimaryState::Unprotected, "primary notices");
+    assert!(!pair.p.should_throttle(), "and serves on alone");
+    pair.run(Duration::from_secs(5));
+    // A fresh standby (empty log) joins and catches up from offset 0.
+    pair.s = Standby::new(
+        Config {
+            max_unacked: 1 << 20,
+            chunk: 64 << 10,
+            ..Config::default()
+        },
+        SHA,
+        0,
+    );
+    pair.s_alive = true;
+    pair.lost_at = None;
+    pair.connect();
+    pair.step();
+    pair.step();
+    pair.step();
+    assert!(matches!(
+        pair.p.state(),
+        PrimaryState::CatchingUp | PrimaryState::Protected
+    ));
+    pair.run(Duration::from_secs(2));
+    assert_eq!(pair.p.state(), PrimaryState::Protected);
+    assert!(pair.log_end - pair.s.written() < 128 << 10, "caught up");
+    assert_eq!(pair.lost_at, None);
+}
+
+#[test]
+fn slow_standby_disk_throttles_the_primary_and_recovers() {
+    let mut pair = Pair::new(
+        Link {
+            loss: 0.0,
+            min_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+            stream_delay: Duration::from_millis(1),
+        },
+        3,
+    );
+    pair.run(Duration::from_secs(1));
+    assert!(!pair.p.should_throttle());
+    pair.disk_delay_steps = 1500; // writes take 1.5 s to become durable
+    let mut throttled = false;
+    for _ in 0..2000 {
+        pair.step();
+        if pair.p.should_throttle() {
+            throttled = true;
+            // The driver slows the program: the log stops growing.
+            pair.rate = 0;
+        }
+    }
+    assert!(
+        throttled,
+        "unacknowledged bytes above the limit must throttle"
+    );
+    pair.disk_delay_steps = 0;
+    pair.run(Duration::from_secs(2));
+    assert!(
+        !pair.p.should_throttle(),
+        "throttle lifts once the standby catches up"
+    );
+}
+
+#[test]
+fn refusals() {
+    let now = Instant::now();
+    let mut p = Primary::new(Config::default(), 1, SHA);
+    p.log_appended(100);
+    p.handle_connected(now);
+    let hello = |sha, resume| Message::Hello {
+        version_min: 1,
+        version_max: 1,
+        role: Role::Standby,
+        epoch: 0,
+        resume_offset: resume,
+        exe_sha256: sha,
+    };
+    assert_eq!(
+        p.handle_message(hello([9; 32], 0), now),
+        Err(SessionError::WrongProgram)
+    );
+    assert!(matches!(
+        p.poll_transmit(now),
+        Some(Transmit::Stream(Message::Refuse { .. }))
+    ));
+    p.handle_connected(now);
+    assert_eq!(
+        p.handle_message(hello(SHA, 5000), now),
+        Err(SessionError::ResumeBeyondEnd {
+            asked: 5000,
+            have: 100
+        })
+    );
+    p.handle_connected(now);
+    let v = Message::Hello {
+        version_min: 7,
+        version_max: 9,
+        role: Role::Standby,
+        epoch: 0,
+        resume_offset: 0,
+        exe_sha256: SHA,
+    };
+    assert_eq!(
+        p.handle_message(v, now),
+        Err(SessionError::Version { min: 7, max: 9 })
+    );
+    p.handle_connected(now);
+    p.handle_message(hello(SHA, 0), now).unwrap();
+    assert_eq!(
+        p.handle_message(Message::Ack { offset: 1000 }, now),
+        Err(SessionError::AckBeyondSent {
+            acked: 1000,
+            sent: 0
+        })
+    );
+
+    let mut s = Standby::new(Config::default(), SHA, 0);
+    s.handle_connected(now);
+    assert_eq!(
+        s.handle_message(
+            Message::Log {
+                offset: 0,
+                bytes: vec![1]
+            },
+            now
+        ),
+        Err(SessionError::Unexpected("log before hello"))
+    );
+    let ph = Message::Hello {
+        version_min: 1,
+        version_max: 1,
+        role: Role::Primary,
+        epoch: 1,
+        resume_offset: 0,
+        exe_sha256: SHA,
+    };
+    s.handle_message(ph, now).unwrap();
+    assert_eq!(
+        s.handle_message(
+            Message::Log {
+                offset: 8,
+                bytes: vec![1]
+            },
+            now
+        ),
+        Err(SessionError::Gap {
+            expected: 0,
+            got: 8
+        })
+    );
+}
