@@ -49,6 +49,16 @@ enum Cmd {
     /// Record a real redis-server serving a client, replay it offline and
     /// show that the replay took exactly the recorded path.
     Demo,
+    /// Write a node key (owner-only) and a self-signed certificate into DIR,
+    /// for the mutual, pinned TLS between primary and standby.
+    Keygen {
+        /// Directory to create (0700); refuses to overwrite a key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Name in the certificate.
+        #[arg(long, default_value = "hotstandby-node")]
+        name: String,
+    },
     /// Inspect a log.
     Log {
         #[command(subcommand)]
@@ -68,10 +78,27 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("hotstandby: {e:#}");
+            eprintln!("hotstandby: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes, skipping a cause whose text the message
+/// already ends with (our errors often show their source inline).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if msg.ends_with(&c) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&c);
+    }
+    msg
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -89,5 +116,14 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Replay { log, show_output } => logcmd::replay(&log, show_output),
         Cmd::Log { cmd } => logcmd::run(cmd),
         Cmd::Demo => demo::run(),
+        Cmd::Keygen { out, name } => {
+            let (cert, key) = hotstandby_transport::keygen(&out, &name)?;
+            println!("key:         {} (keep it secret; mode 0600)", key.display());
+            println!(
+                "certificate: {} (give it to the peer as --peer-cert)",
+                cert.display()
+            );
+            Ok(0)
+        }
     }
 }
