@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use hotstandby_protocol::record::{Event, Identity, Mode, SyscallEvent};
 use hotstandby_protocol::sysmodel::{self, Class};
-use hotstandby_recorder::logfile::{LoadedLog, DATA_START};
+use hotstandby_recorder::logfile::{EventCursor, LogError, DATA_START};
 use hotstandby_recorder::model;
 use hotstandby_recorder::record::{copy_tree, rdtsc_len};
 use hotstandby_recorder::sys::{self, Regs, SysError};
@@ -34,6 +34,9 @@ pub enum ReplayError {
     /// waitpid failed.
     #[error("waiting for the program: {0}")]
     Wait(nix::Error),
+    /// The log could not be read (a corrupt frame met during replay).
+    #[error(transparent)]
+    Log(#[from] LogError),
     /// Preparing the data directory failed.
     #[error("preparing the data directory {path}: {source}")]
     DataDir {
@@ -87,7 +90,8 @@ struct Th {
 }
 
 struct Engine<'a> {
-    log: &'a LoadedLog,
+    src: EventCursor,
+    _p: std::marker::PhantomData<&'a ()>,
     opts: &'a ReplayOptions,
     threads: HashMap<u32, Th>,
     leader_live: i32,
@@ -175,17 +179,17 @@ impl Drop for Scratch {
     }
 }
 
-/// Replay `log` (loaded from `dir`).
-pub fn replay(
-    dir: &Path,
-    log: &LoadedLog,
-    opts: &ReplayOptions,
-) -> Result<ReplayOutcome, ReplayError> {
-    check_identity(&log.identity)?;
+/// Replay the log in `dir`. (Check the whole log first with
+/// `logfile::scan` to refuse a corrupt one before anything runs.)
+pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayError> {
+    let mut src = EventCursor::open(dir, false)?;
+    let identity = src.identity().clone();
+    let log = &identity;
+    check_identity(log)?;
     let mut _scratch = None;
-    let data_dir = PathBuf::from(String::from_utf8_lossy(&log.identity.data_dir).into_owned());
+    let data_dir = PathBuf::from(String::from_utf8_lossy(&log.data_dir).into_owned());
     let snapshot = dir.join(DATA_START);
-    let bind = if !log.identity.data_dir.is_empty() && snapshot.is_dir() {
+    let bind = if !log.data_dir.is_empty() && snapshot.is_dir() {
         let s = std::env::temp_dir().join(format!("hotstandby-replay-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&s);
         copy_tree(&snapshot, &s).map_err(|source| ReplayError::DataDir {
@@ -197,14 +201,12 @@ pub fn replay(
     } else {
         None
     };
-    let pid = tracee::spawn(
-        &log.identity,
-        bind.as_ref().map(|(a, b)| (a.as_path(), b.as_path())),
-    )?;
+    let pid = tracee::spawn(log, bind.as_ref().map(|(a, b)| (a.as_path(), b.as_path())))?;
     let mut guard = KillGuard(pid, true);
-    let leader = log.events.first().map(|e| e.tid()).unwrap_or(pid as u32);
+    let leader = src.get(0)?.map(|e| e.tid()).unwrap_or(pid as u32);
     let mut e = Engine {
-        log,
+        src,
+        _p: std::marker::PhantomData,
         opts,
         threads: HashMap::new(),
         leader_live: pid,
@@ -348,9 +350,9 @@ impl Engine<'_> {
     }
 
     fn run(&mut self) -> Result<ReplayOutcome, ReplayError> {
-        let events = &self.log.events;
-        while self.idx < events.len() {
-            let ev = &events[self.idx];
+        while let Some(ev) = self.ev(self.idx)? {
+            self.src.release_before(self.idx);
+            let ev = &ev;
             tracing::trace!(idx = self.idx, ?ev, "replay");
             match ev {
                 Event::Syscall(s) => self.on_syscall(s)?,
@@ -453,7 +455,8 @@ impl Engine<'_> {
     /// After handling thread `tid`'s syscall: resume it if the log says it
     /// ran next, otherwise leave it stopped.
     fn after(&mut self, tid: u32) -> Result<(), ReplayError> {
-        let next = self.log.events.get(self.idx + 1);
+        let next = self.ev(self.idx + 1)?;
+        let next = next.as_ref();
         let th = self.th(tid)?;
         match next {
             Some(Event::Signal {
@@ -562,7 +565,7 @@ impl Engine<'_> {
                         signo,
                         siginfo,
                         at_entry: false,
-                    }) = self.log.events.get(self.idx + 1)
+                    }) = self.ev(self.idx + 1)?.as_ref()
                     {
                         if let Some(mask) = sigmask_arg(live, s.nr, &s.args) {
                             if *t == tid {
@@ -837,7 +840,7 @@ impl Engine<'_> {
         // wrote part of its bytes before blocking; readers logged before it
         // completes may have read them. Let it into the kernel now, as it
         // was then. Everything else waits at its entry until its result.
-        let completion = self.completion_of(tid).cloned();
+        let completion = self.completion_of(tid)?;
         if let Some(c) = completion.filter(|c| c.mode == Mode::Executed) {
             let live = self.th(tid)?.live;
             let mut q = r;
@@ -854,13 +857,22 @@ impl Engine<'_> {
     }
 
     /// The Syscall event that completes the syscall `tid` entered.
-    fn completion_of(&self, tid: u32) -> Option<&SyscallEvent> {
-        self.log.events[self.idx + 1..]
-            .iter()
-            .find_map(|e| match e {
-                Event::Syscall(s) if s.tid == tid => Some(s),
-                _ => None,
-            })
+    fn completion_of(&mut self, tid: u32) -> Result<Option<SyscallEvent>, ReplayError> {
+        let mut j = self.idx + 1;
+        while let Some(e) = self.ev(j)? {
+            if let Event::Syscall(s) = e {
+                if s.tid == tid {
+                    return Ok(Some(s));
+                }
+            }
+            j += 1;
+        }
+        Ok(None)
+    }
+
+    /// Event `i` of the log, if it has one.
+    fn ev(&mut self, i: usize) -> Result<Option<Event>, ReplayError> {
+        Ok(self.src.get(i)?.cloned())
     }
 
     fn on_spawn(&mut self, tid: u32, child: u32, flags: u64) -> Result<(), ReplayError> {
@@ -1034,8 +1046,8 @@ impl Engine<'_> {
     }
 
     fn finish(&mut self) -> Result<ReplayOutcome, ReplayError> {
-        let events = self.log.events.len() as u64;
-        match &self.log.trailer {
+        let events = self.idx as u64;
+        match self.src.trailer().cloned() {
             Some(t) => {
                 if self.exit_status.is_none() {
                     // The program ends without an exit call (a fatal signal
@@ -1057,7 +1069,6 @@ impl Engine<'_> {
                 }
                 let got = self.exit_status.unwrap_or(-1);
                 if got != t.exit_status {
-                    self.idx = self.log.events.len();
                     return self.diverge(
                         0,
                         "program exit",

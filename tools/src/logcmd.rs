@@ -32,13 +32,10 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<u8> {
     }
 }
 
-/// Load a log, turning corruption into exit 4 with the message printed.
-fn with_log(
-    dir: &Path,
-    f: impl FnOnce(&logfile::LoadedLog) -> anyhow::Result<u8>,
-) -> anyhow::Result<u8> {
-    match logfile::load(dir) {
-        Ok(l) => f(&l),
+/// Run a log command, turning corruption into exit 4 with the message printed.
+fn with_log(dir: &Path, f: impl FnOnce(&Path) -> Result<u8, LogError>) -> anyhow::Result<u8> {
+    match f(dir) {
+        Ok(code) => Ok(code),
         Err(e @ (LogError::Corrupt { .. } | LogError::NoHeader { .. })) => {
             eprintln!("hotstandby: corrupt log: {e}");
             Ok(EXIT_CORRUPT)
@@ -201,11 +198,12 @@ fn sig_name(s: i32) -> String {
         .unwrap_or_else(|_| format!("signal {s}"))
 }
 
-fn dump(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
+fn dump(dir: &Path) -> Result<u8, LogError> {
     use std::io::Write;
+    let mut c = logfile::EventCursor::open(dir, false)?;
     let out = std::io::stdout();
     let mut out = std::io::BufWriter::new(out.lock());
-    let id = &l.identity;
+    let id = c.identity().clone();
     let argv: Vec<String> = id
         .argv
         .iter()
@@ -225,12 +223,23 @@ fn dump(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
         id.hostname,
         id.kernel_release
     );
-    for (i, e) in l.events.iter().enumerate() {
+    let mut i = 0;
+    loop {
+        let e = match c.get(i) {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = out.flush();
+                return Err(e);
+            }
+        };
         if writeln!(out, "{}", event_line(i, e)).is_err() {
             return Ok(0); // reader went away (e.g. `| head`)
         }
+        c.release_before(i + 1);
+        i += 1;
     }
-    let _ = match &l.trailer {
+    let _ = match c.trailer() {
         Some(t) => writeln!(
             out,
             "# end: {} events, exit status {}",
@@ -256,13 +265,13 @@ macro_rules! out {
     }};
 }
 
-fn stats(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
+fn stats(dir: &Path) -> Result<u8, LogError> {
     let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
     let mut sys: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut modes: BTreeMap<&str, u64> = BTreeMap::new();
     let mut threads = BTreeSet::new();
     let mut data = 0u64;
-    for e in &l.events {
+    let (identity, summary) = logfile::scan(dir, |_, e| {
         *kinds.entry(e.kind()).or_default() += 1;
         threads.insert(e.tid());
         if let Event::Spawn { child, .. } = e {
@@ -276,25 +285,24 @@ fn stats(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
             ent.1 += b;
             *modes.entry(mode_tag(s.mode)).or_default() += 1;
         }
-    }
-    let argv: Vec<String> = l
-        .identity
+    })?;
+    let argv: Vec<String> = identity
         .argv
         .iter()
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     out!("program:   {}", argv.join(" "));
-    out!("events:    {}", l.events.len());
+    out!("events:    {}", summary.events);
     out!(
         "log bytes: {} ({:.1} per event)",
-        l.bytes,
-        l.bytes as f64 / l.events.len().max(1) as f64
+        summary.bytes,
+        summary.bytes as f64 / summary.events.max(1) as f64
     );
     out!("recorded memory: {data} bytes");
     out!("threads:   {}", threads.len());
-    match &l.trailer {
+    match &summary.trailer {
         Some(t) => {
-            let d = t.end_unix_ns.saturating_sub(l.identity.start_unix_ns) as f64 / 1e9;
+            let d = t.end_unix_ns.saturating_sub(identity.start_unix_ns) as f64 / 1e9;
             out!("duration:  {d:.3} s");
             out!("exit status: {}", t.exit_status);
         }
@@ -317,21 +325,25 @@ fn stats(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn verify(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
-    match &l.trailer {
-        Some(t) if t.events != l.events.len() as u64 => {
+fn verify(dir: &Path) -> Result<u8, LogError> {
+    let (_, summary) = logfile::scan(dir, |_, _| {})?;
+    match &summary.trailer {
+        Some(t) if t.events != summary.events => {
             eprintln!(
                 "hotstandby: corrupt log: trailer counts {} events but the log holds {}",
-                t.events,
-                l.events.len()
+                t.events, summary.events
             );
             return Ok(EXIT_CORRUPT);
         }
-        Some(_) => out!("ok: {} events, {} bytes, complete", l.events.len(), l.bytes),
+        Some(_) => out!(
+            "ok: {} events, {} bytes, complete",
+            summary.events,
+            summary.bytes
+        ),
         None => out!(
             "ok: {} events, {} bytes, no trailer (recording running or interrupted)",
-            l.events.len(),
-            l.bytes
+            summary.events,
+            summary.bytes
         ),
     }
     Ok(0)
@@ -339,25 +351,30 @@ fn verify(l: &logfile::LoadedLog) -> anyhow::Result<u8> {
 
 pub fn replay(dir: &Path, show: bool) -> anyhow::Result<u8> {
     use hotstandby_replayer::{ReplayError, ReplayOptions};
-    let log = match logfile::load(dir) {
-        Ok(l) => l,
-        Err(e @ (LogError::Corrupt { .. } | LogError::NoHeader { .. })) => {
-            eprintln!("hotstandby: corrupt log: {e}");
-            return Ok(EXIT_CORRUPT);
-        }
-        Err(e) => return Err(e).with_context(|| format!("opening log {}", dir.display())),
-    };
-    match hotstandby_replayer::replay(dir, &log, &ReplayOptions { show_output: show }) {
-        Ok(out) => {
+    // Refuse a corrupt log before anything runs (same message as verify).
+    let code = with_log(dir, |d| logfile::scan(d, |_, _| {}).map(|_| 0))?;
+    if code != 0 {
+        return Ok(code);
+    }
+    match hotstandby_replayer::replay(dir, &ReplayOptions { show_output: show }) {
+        Ok(out) if out.complete => {
             eprintln!(
                 "hotstandby: replayed {} events, no divergence (exit status {})",
                 out.events, out.exit_status
             );
             Ok(0)
         }
+        Ok(out) => {
+            eprintln!("hotstandby: replayed {} events, no divergence", out.events);
+            Ok(0)
+        }
         Err(e @ (ReplayError::Divergence(_) | ReplayError::Identity(_))) => {
             eprintln!("hotstandby: {e}");
             Ok(EXIT_DIVERGED)
+        }
+        Err(ReplayError::Log(e)) => {
+            eprintln!("hotstandby: corrupt log: {e}");
+            Ok(EXIT_CORRUPT)
         }
         Err(e) => Err(e).context("replay failed"),
     }
