@@ -40,6 +40,20 @@ impl FdTable {
         Self { map }
     }
 
+    /// Classify every fd open in `pid` now, for a program taken over from a
+    /// replay: stdin, stdout and stderr stay external (they were inherited).
+    pub fn adopt(pid: i32) -> Self {
+        let mut map = HashMap::new();
+        if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            for e in rd.flatten() {
+                if let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() {
+                    map.insert(fd, if fd <= 2 { FdKind::External } else { classify(pid, fd) });
+                }
+            }
+        }
+        Self { map }
+    }
+
     /// The kind of `fd`, classifying it from /proc when unknown.
     pub fn kind(&mut self, pid: i32, fd: i32) -> FdKind {
         if let Some(k) = self.map.get(&fd) {

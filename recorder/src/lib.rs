@@ -12,4 +12,4 @@ pub mod seccomp;
 pub mod sys;
 pub mod tracee;
 
-pub use record::{record, RecordError, RecordOptions, RecordOutcome};
+pub use record::{continue_live, record, RecordError, RecordOptions, RecordOutcome, Takeover, TakeoverState, TakeoverThread};

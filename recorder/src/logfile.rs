@@ -89,6 +89,20 @@ impl LogWriter {
         Ok(w)
     }
 
+    /// Continue an existing log after its first `offset` bytes (the end of
+    /// the last complete frame a replay consumed; anything after it, such as
+    /// a torn frame, is cut). `next_seq` and `events` continue the counts.
+    pub fn resume(dir: &Path, offset: u64, next_seq: u64, events: u64) -> Result<Self, LogError> {
+        let path = dir.join(STREAM);
+        let io = |source| LogError::Io { path: path.clone(), source };
+        let file = OpenOptions::new().write(true).open(&path).map_err(io)?;
+        file.set_len(offset).map_err(io)?;
+        let mut file = file;
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::End(0)).map_err(io)?;
+        Ok(Self { path: path.clone(), file, buf: Vec::new(), seq: next_seq, written: offset, events })
+    }
+
     /// Append one record (buffered).
     pub fn append(&mut self, rec: &Record) -> Result<(), LogError> {
         // Frames must start 16-aligned relative to the stream start.
@@ -459,9 +473,14 @@ impl EventCursor {
         }
     }
 
-    /// Bytes of the stream consumed so far.
+    /// Bytes of the stream consumed so far (the end of the last frame read).
     pub fn position(&self) -> u64 {
         self.pos as u64
+    }
+
+    /// Sequence number of the next frame.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
     }
 }
 

@@ -112,6 +112,8 @@ enum St {
     Interrupted(Pending, i64, i32, Vec<u8>),
     /// Exiting.
     Exiting,
+    /// Stopped at a syscall entry not yet handled (after a takeover).
+    AtEntry,
 }
 
 #[derive(Debug)]
@@ -155,6 +157,11 @@ struct Recorder {
     warned: HashSet<u64>,
     /// The thread that last ran user code (for time slices).
     last_run: Option<i32>,
+    /// After a takeover the program knows its threads by the ids they had
+    /// on the old primary: recorded id → live id and back. Empty (identity)
+    /// in a recording that started here.
+    to_live: HashMap<u32, i32>,
+    to_rec: HashMap<i32, u32>,
 }
 
 /// Record a program into `opts.log_dir`. Blocks until it exits.
@@ -203,6 +210,8 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
         early_stops: HashSet::new(),
         warned: HashSet::new(),
         last_run: Some(pid),
+        to_live: HashMap::new(),
+        to_rec: HashMap::new(),
     };
     r.threads.insert(
         pid,
@@ -224,6 +233,113 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
         events,
         bytes,
     })
+}
+
+/// How a thread stands when a replay hands the program over to live
+/// execution.
+#[derive(Debug, Clone)]
+pub enum TakeoverState {
+    /// Running user code (at most one thread).
+    Running,
+    /// Stopped at a syscall entry that was not recorded: it runs for real.
+    AtEntry,
+    /// Stopped between syscalls, ready to run user code.
+    Ready,
+    /// Inside a syscall the replay let into the kernel.
+    InKernel { nr: u32, args: [u64; 6] },
+    /// Stopped at the entry of a syscall that is answered without running
+    /// it (a futex wait returns a spurious wakeup: glibc re-checks).
+    Answer { nr: u32, args: [u64; 6], ret: i64 },
+}
+
+/// A thread handed over by a replay.
+#[derive(Debug, Clone)]
+pub struct TakeoverThread {
+    /// The id the program knows it by (from the log).
+    pub rec: u32,
+    pub live: i32,
+    /// Live thread-group id.
+    pub tgid: i32,
+    pub state: TakeoverState,
+}
+
+/// What a replay hands over when it goes live.
+#[derive(Debug, Clone)]
+pub struct Takeover {
+    /// Live pid of the main process.
+    pub leader: i32,
+    pub threads: Vec<TakeoverThread>,
+    /// Per live tgid: signal dispositions (handler, flags) tracked by replay.
+    pub sigact: Vec<(i32, [(u64, u64); 65])>,
+}
+
+/// Let a replayed program continue for real from where its log ends,
+/// recording into `log` (the same log, continued). Blocks until it exits.
+pub fn continue_live(t: Takeover, log: LogWriter) -> Result<RecordOutcome, RecordError> {
+    forward_signals(t.leader);
+    let mut r = Recorder {
+        log,
+        threads: BTreeMap::new(),
+        runq: VecDeque::new(),
+        current: None,
+        tentative: None,
+        pending_sigs: VecDeque::new(),
+        procs: HashMap::new(),
+        leader: t.leader,
+        exit_status: None,
+        early_stops: HashSet::new(),
+        warned: HashSet::new(),
+        last_run: None,
+        to_live: t.threads.iter().map(|th| (th.rec, th.live)).collect(),
+        to_rec: t.threads.iter().map(|th| (th.live, th.rec)).collect(),
+    };
+    for (tgid, sigact) in &t.sigact {
+        r.procs.insert(*tgid, Proc { fds: FdTable::adopt(*tgid), sigact: *sigact });
+    }
+    for th in &t.threads {
+        r.proc(th.tgid);
+        let pending = |nr: u32, args: [u64; 6], mode: Mode| Pending {
+            nr,
+            args,
+            mode,
+            spec: sysmodel::spec(nr),
+            entry: EntryInfo::default(),
+            path: Vec::new(),
+            fd_kind: None,
+            ioctl_out: &[],
+        };
+        let st = match &th.state {
+            TakeoverState::Running => {
+                r.current = Some(th.live);
+                St::Running
+            }
+            TakeoverState::AtEntry => {
+                r.runq.push_back(th.live);
+                St::AtEntry
+            }
+            TakeoverState::Ready => {
+                r.runq.push_back(th.live);
+                St::Ready
+            }
+            TakeoverState::InKernel { nr, args } => St::InKernel(pending(*nr, *args, Mode::Executed)),
+            TakeoverState::Answer { nr, args, ret } => {
+                let mut regs = sys::get_regs(th.live)?;
+                regs.orig_rax = u64::MAX;
+                regs.rax = *ret as u64;
+                sys::set_regs(th.live, &regs)?;
+                r.runq.push_back(th.live);
+                St::Done(pending(*nr, *args, Mode::Emulated), regs)
+            }
+        };
+        r.threads.insert(th.live, Th { tgid: th.tgid, st, slice: 0, resumed_rip: None, expect: None });
+    }
+    if let Some(c) = r.current {
+        sys::cont(c, 0)?;
+    }
+    let status = r.run()?;
+    let bytes = r.log.bytes();
+    let events = r.log.finish(status)?;
+    Ok(RecordOutcome { exit_status: status, events, bytes })
 }
 
 static TRACEE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -324,7 +440,7 @@ impl Recorder {
             _ => return Ok(()),
         };
         self.log.event(Event::Enter {
-            tid: t as u32,
+            tid: self.rt(t),
             nr,
             args,
         })?;
@@ -462,6 +578,24 @@ impl Recorder {
         }
     }
 
+    /// The id the program knows a live thread by.
+    fn rt(&self, live: i32) -> u32 {
+        self.to_rec.get(&live).copied().unwrap_or(live as u32)
+    }
+
+    /// The live id of an id the program passed (pids, tids; 0 and negative
+    /// values such as process groups pass through).
+    fn lv(&self, rec: u64) -> u64 {
+        let v = rec as i64 as i32;
+        if v <= 0 {
+            return rec;
+        }
+        match self.to_live.get(&(v as u32)) {
+            Some(l) => *l as u64,
+            None => rec,
+        }
+    }
+
     fn proc(&mut self, tgid: i32) -> &mut Proc {
         self.procs.entry(tgid).or_insert_with(|| Proc {
             fds: FdTable::default(),
@@ -494,7 +628,7 @@ impl Recorder {
             self.runq.push_back(child);
         }
         self.log.event(Event::Spawn {
-            tid: parent as u32,
+            tid: self.rt(parent),
             child: child as u32,
             flags,
         })?;
@@ -571,7 +705,7 @@ impl Recorder {
                 if sync {
                     self.th(pid).resumed_rip = None;
                     self.log.event(Event::Fault {
-                        tid: pid as u32,
+                        tid: self.rt(pid),
                         signo: sig,
                         rip: regs.rip,
                     })?;
@@ -584,7 +718,7 @@ impl Recorder {
                     // Right at the return of the syscall just logged: deliver here.
                     self.th(pid).resumed_rip = None;
                     self.log.event(Event::Signal {
-                        tid: pid as u32,
+                        tid: self.rt(pid),
                         signo: sig,
                         siginfo: info,
                         at_entry: false,
@@ -616,7 +750,7 @@ impl Recorder {
         sys::set_regs(pid, &regs)?;
         self.th(pid).resumed_rip = None;
         self.log.event(Event::Rdtsc {
-            tid: pid as u32,
+            tid: self.rt(pid),
             rip,
             value,
             aux: 0,
@@ -647,7 +781,7 @@ impl Recorder {
             // Deliver at this boundary: skip the syscall, rewind so it is
             // made again after the handler returns.
             self.log.event(Event::Signal {
-                tid: pid as u32,
+                tid: self.rt(pid),
                 signo: sig,
                 siginfo: info.clone(),
                 at_entry: true,
@@ -775,6 +909,24 @@ impl Recorder {
             }
         }
         p.entry = model::entry_info(pid, spec, &args);
+        if !self.to_live.is_empty() {
+            let idx: &[usize] = match nr as i64 {
+                libc::SYS_kill | libc::SYS_tkill | libc::SYS_rt_sigqueueinfo | libc::SYS_getpgid | libc::SYS_getsid
+                | libc::SYS_wait4 | libc::SYS_sched_setaffinity | libc::SYS_sched_getaffinity | libc::SYS_prlimit64 => &[0],
+                libc::SYS_tgkill | libc::SYS_rt_tgsigqueueinfo | libc::SYS_setpgid => &[0, 1],
+                libc::SYS_waitid => &[1],
+                _ => &[],
+            };
+            if !idx.is_empty() {
+                let mut a = args;
+                for i in idx {
+                    a[*i] = self.lv(a[*i]);
+                }
+                regs.rdi = a[0];
+                regs.rsi = a[1];
+                sys::set_regs(pid, &regs)?;
+            }
+        }
         self.th(pid).st = St::InKernel(p);
         self.current = None;
         self.tentative = Some(pid);
@@ -830,7 +982,7 @@ impl Recorder {
         regs.rax = (-(errno as i64)) as u64;
         sys::set_regs(pid, &regs)?;
         self.log.event(Event::Syscall(SyscallEvent {
-            tid: pid as u32,
+            tid: self.rt(pid),
             nr,
             args,
             ret: -(errno as i64),
@@ -846,7 +998,7 @@ impl Recorder {
     fn on_exit_call(&mut self, pid: i32, nr: u32, args: [u64; 6]) -> Result<(), RecordError> {
         let group = nr as i64 == libc::SYS_exit_group;
         self.log.event(Event::Exit {
-            tid: pid as u32,
+            tid: self.rt(pid),
             code: args[0] as i32,
             group,
         })?;
@@ -879,8 +1031,12 @@ impl Recorder {
             self.last_run = Some(t);
         }
         match st {
+            St::AtEntry => {
+                self.th(t).st = St::Running;
+                self.on_entry(t)?;
+            }
             St::Ready => {
-                self.log.event(Event::Switch { tid: t as u32 })?;
+                self.log.event(Event::Switch { tid: self.rt(t) })?;
                 self.th(t).resumed_rip = None;
                 sys::cont(t, 0)?;
             }
@@ -895,7 +1051,7 @@ impl Recorder {
                     _ => true,
                 };
                 self.log.event(Event::Syscall(SyscallEvent {
-                    tid: t as u32,
+                    tid: self.rt(t),
                     nr: p.nr,
                     args: p.args,
                     ret: if restart {
@@ -914,7 +1070,7 @@ impl Recorder {
                     path: p.path.clone(),
                 }))?;
                 self.log.event(Event::Signal {
-                    tid: t as u32,
+                    tid: self.rt(t),
                     signo: sig,
                     siginfo: info,
                     at_entry: false,
@@ -931,7 +1087,22 @@ impl Recorder {
         Ok(())
     }
 
-    fn complete(&mut self, t: i32, p: Pending, regs: Regs) -> Result<(), RecordError> {
+    fn complete(&mut self, t: i32, p: Pending, mut regs: Regs) -> Result<(), RecordError> {
+        if !self.to_rec.is_empty() {
+            let pid_result = matches!(
+                p.nr as i64,
+                libc::SYS_getpid | libc::SYS_gettid | libc::SYS_getppid | libc::SYS_getpgrp | libc::SYS_getpgid
+                    | libc::SYS_getsid | libc::SYS_setsid | libc::SYS_set_tid_address | libc::SYS_wait4
+            );
+            let r = regs.rax as i64;
+            if pid_result && r > 0 {
+                regs.rax = self.rt(r as i32) as u64;
+            }
+            // The program's own argument registers, as it passed them.
+            regs.rdi = p.args[0];
+            regs.rsi = p.args[1];
+            sys::set_regs(t, &regs)?;
+        }
         let ret = regs.rax as i64;
         let tgid = self.th(t).tgid;
         let spec = p.spec.expect("model entry");
@@ -968,7 +1139,7 @@ impl Recorder {
             self.track(t, tgid, &p, ret)?;
         }
         self.log.event(Event::Syscall(SyscallEvent {
-            tid: t as u32,
+            tid: self.rt(t),
             nr: p.nr,
             args: p.args,
             ret,

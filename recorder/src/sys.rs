@@ -386,3 +386,69 @@ pub fn blocked_mask(tid: i32) -> u64 {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0)
 }
+
+/// A duplicate, in the supervisor, of file descriptor `fd` of process
+/// `pid` (pidfd_getfd); the socket or file behind it is the same object.
+pub fn dup_from(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd, SysError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd we own.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(os("pidfd_open", pid, nix::Error::last()));
+    }
+    // SAFETY: pidfd is a fresh descriptor returned above and owned here.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_getfd takes integers and returns a new fd we own.
+    let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if dup < 0 {
+        return Err(os("pidfd_getfd", pid, nix::Error::last()));
+    }
+    // SAFETY: dup is a fresh descriptor returned by the kernel, owned here.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(dup as i32) })
+}
+
+/// Re-create a recorded listening socket on the supervisor's duplicate of
+/// the program's placeholder: socket options, bind (to the same port on any
+/// address when the recorded address is not on this host), listen.
+pub fn make_listening(
+    sock: &std::os::fd::OwnedFd,
+    opts: &[(i32, i32, Vec<u8>)],
+    addr: &[u8],
+    backlog: Option<i32>,
+) -> Result<(), std::io::Error> {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    for (level, name, val) in opts {
+        // SAFETY: val is a live buffer of the given length.
+        unsafe {
+            libc::setsockopt(fd, *level, *name, val.as_ptr() as *const libc::c_void, val.len() as u32);
+        }
+    }
+    if !addr.is_empty() {
+        // SAFETY: addr holds the sockaddr bytes the program passed to bind.
+        let mut r = unsafe { libc::bind(fd, addr.as_ptr() as *const libc::sockaddr, addr.len() as u32) };
+        if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            // Same port, any address of this host.
+            let mut any = addr.to_vec();
+            let family = u16::from_le_bytes([any[0], any[1]]) as i32;
+            if family == libc::AF_INET && any.len() >= 8 {
+                any[4..8].fill(0);
+            } else if family == libc::AF_INET6 && any.len() >= 24 {
+                any[8..24].fill(0);
+            }
+            // SAFETY: as above, with the address part zeroed.
+            r = unsafe { libc::bind(fd, any.as_ptr() as *const libc::sockaddr, any.len() as u32) };
+        }
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    if let Some(b) = backlog {
+        // SAFETY: plain integers.
+        if unsafe { libc::listen(fd, b) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -50,10 +50,25 @@ pub enum ReplayError {
 pub struct ReplayOptions {
     /// Write the program's stdout/stderr output as replay re-creates it.
     pub show_output: bool,
+    /// When the log ends without a trailer (the recording was cut off),
+    /// hand the program over to live execution instead of killing it.
+    pub go_live: bool,
+}
+
+/// A program handed over to live execution at the end of its log.
+#[derive(Debug)]
+pub struct Handover {
+    pub takeover: hotstandby_recorder::Takeover,
+    /// Where the log's last complete frame ends, and the counts to continue.
+    pub log_offset: u64,
+    pub next_seq: u64,
+    pub events: u64,
+    /// Listening sockets made real on this host: (fd, what happened).
+    pub listeners: Vec<(i32, String)>,
 }
 
 /// A replay that reached the end of its log.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ReplayOutcome {
     pub events: u64,
     /// Exit status of the replayed program (or of the log, when the log
@@ -61,6 +76,17 @@ pub struct ReplayOutcome {
     pub exit_status: i32,
     /// False when the log had no trailer (the recording was interrupted).
     pub complete: bool,
+    /// With `go_live`, the program, still running, ready to continue live.
+    pub handover: Option<Handover>,
+}
+
+/// How the program set up a socket it never really bound (replay emulates
+/// bind and listen); made real when the standby goes live.
+#[derive(Debug, Clone, Default)]
+struct SockSetup {
+    addr: Vec<u8>,
+    backlog: Option<i32>,
+    opts: Vec<(i32, i32, Vec<u8>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -74,7 +100,7 @@ enum St {
     /// Stopped after a handled syscall or new: resumes when scheduled.
     Ready,
     /// Clone executed at Spawn; its Syscall event sets the result.
-    AfterClone(Regs),
+    AfterClone(Regs, u32),
     /// Let into the kernel (a vfork parent, a blocked pipe write); its
     /// exit stop is collected at its Syscall event.
     InKernel(Option<Regs>),
@@ -97,6 +123,10 @@ struct Engine<'a> {
     leader_live: i32,
     exit_status: Option<i32>,
     idx: usize,
+    /// Signal dispositions per live tgid, tracked from rt_sigaction.
+    sigact: HashMap<i32, [(u64, u64); 65]>,
+    /// Socket set-up per (live tgid, fd), for going live.
+    sockets: HashMap<(i32, i32), SockSetup>,
 }
 
 /// Check that the program on this machine is the one recorded.
@@ -207,6 +237,8 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
     let mut e = Engine {
         src,
         _p: std::marker::PhantomData,
+        sigact: HashMap::from([(pid, [(0, 0); 65])]),
+        sockets: HashMap::new(),
         opts,
         threads: HashMap::new(),
         leader_live: pid,
@@ -224,6 +256,10 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
     sys::cont(pid, 0)?;
     let out = e.run()?;
     guard.1 = false;
+    if out.handover.is_some() {
+        // The program goes on with its data directory: keep the copy.
+        std::mem::forget(_scratch);
+    }
     Ok(out)
 }
 
@@ -477,7 +513,7 @@ impl Engine<'_> {
     fn on_syscall(&mut self, s: &SyscallEvent) -> Result<(), ReplayError> {
         let tid = s.tid;
         let live = self.th(tid)?.live;
-        if let St::AfterClone(mut r) = self.th(tid)?.st.clone() {
+        if let St::AfterClone(mut r, _) = self.th(tid)?.st.clone() {
             r.rax = s.ret as u64;
             sys::set_regs(live, &r)?;
             return self.after(tid);
@@ -525,6 +561,7 @@ impl Engine<'_> {
                 }
             }
         }
+        self.track(tid, live, s)?;
         let class = sysmodel::spec(s.nr).map(|sp| sp.class);
         let name = sysmodel::name(s.nr);
         if class == Some(Class::FdWrite) && s.hash != 0 && s.mode != Mode::Executed {
@@ -932,11 +969,15 @@ impl Engine<'_> {
                 sys::write_mem(nl, args[3], &child.to_le_bytes())?;
             }
         }
-        let tgid = if flags & libc::CLONE_THREAD as u64 != 0 {
-            ptgid
-        } else {
-            nl
-        };
+        let tgid = if flags & libc::CLONE_THREAD as u64 != 0 { ptgid } else { nl };
+        if tgid != ptgid {
+            let copy = self.sigact.get(&ptgid).copied().unwrap_or([(0, 0); 65]);
+            self.sigact.insert(tgid, copy);
+            let socks: Vec<_> = self.sockets.iter().filter(|((g, _), _)| *g == ptgid).map(|((_, f), v)| (*f, v.clone())).collect();
+            for (f, v) in socks {
+                self.sockets.insert((tgid, f), v);
+            }
+        }
         self.threads.insert(
             child,
             Th {
@@ -946,7 +987,7 @@ impl Engine<'_> {
             },
         );
         self.th(tid)?.st = match exit_regs {
-            Some(x) => St::AfterClone(x),
+            Some(x) => St::AfterClone(x, child),
             None => St::InKernel(None),
         };
         Ok(())
@@ -1045,6 +1086,98 @@ impl Engine<'_> {
         }
     }
 
+    /// Remember what going live will need: signal dispositions and the
+    /// set-up of sockets whose bind/listen replay only emulated.
+    fn track(&mut self, tid: u32, live: i32, s: &SyscallEvent) -> Result<(), ReplayError> {
+        if s.ret < 0 {
+            return Ok(());
+        }
+        let tgid = self.th(tid)?.tgid;
+        let a = &s.args;
+        match s.nr as i64 {
+            libc::SYS_rt_sigaction if a[1] != 0 && (a[0] as usize) < 65 => {
+                let act = sys::read_mem(live, a[1], 16)?;
+                let h = u64::from_le_bytes(act[..8].try_into().expect("8"));
+                let f = u64::from_le_bytes(act[8..].try_into().expect("8"));
+                self.sigact.entry(tgid).or_insert([(0, 0); 65])[a[0] as usize] = (h, f);
+            }
+            libc::SYS_bind if s.mode == Mode::Emulated => {
+                let addr = sys::read_mem(live, a[1], (a[2] as usize).min(128))?;
+                self.sockets.entry((tgid, a[0] as i32)).or_default().addr = addr;
+            }
+            libc::SYS_listen if s.mode == Mode::Emulated => {
+                self.sockets.entry((tgid, a[0] as i32)).or_default().backlog = Some(a[1] as i32);
+            }
+            libc::SYS_setsockopt if s.mode == Mode::Emulated => {
+                let v = sys::read_mem(live, a[3], (a[4] as usize).min(256))?;
+                self.sockets.entry((tgid, a[0] as i32)).or_default().opts.push((a[1] as i32, a[2] as i32, v));
+            }
+            libc::SYS_close => {
+                self.sockets.remove(&(tgid, a[0] as i32));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The log ended and the program goes on for real: turn every thread's
+    /// replay state into a live one and make listening sockets real.
+    fn take_over(&mut self) -> Result<Handover, ReplayError> {
+        use hotstandby_recorder::{Takeover, TakeoverState, TakeoverThread};
+        let mut threads = Vec::new();
+        for (rec, th) in &self.threads {
+            let state = match &th.st {
+                St::Gone => continue,
+                St::Running => TakeoverState::Running,
+                St::AtEntry(_) => TakeoverState::AtEntry,
+                St::Ready => TakeoverState::Ready,
+                St::Blocked(r) => {
+                    let nr = r.orig_rax as u32;
+                    let args = model::args_of(r);
+                    let futex_wait = nr as i64 == libc::SYS_futex && matches!(args[1] & 0x7f, 0 | 9);
+                    if futex_wait {
+                        // Its wake may already have happened on the old
+                        // primary: a spurious return is always allowed.
+                        TakeoverState::Answer { nr, args, ret: 0 }
+                    } else {
+                        TakeoverState::AtEntry
+                    }
+                }
+                St::InKernel(Some(r)) => TakeoverState::InKernel { nr: r.orig_rax as u32, args: model::args_of(r) },
+                St::InKernel(None) => TakeoverState::InKernel { nr: libc::SYS_vfork as u32, args: [0; 6] },
+                St::AfterClone(r, child) => {
+                    let mut r = *r;
+                    r.rax = *child as u64;
+                    sys::set_regs(th.live, &r)?;
+                    TakeoverState::Ready
+                }
+            };
+            threads.push(TakeoverThread { rec: *rec, live: th.live, tgid: th.tgid, state });
+        }
+        let mut listeners = Vec::new();
+        for ((tgid, fd), setup) in &self.sockets {
+            if setup.addr.is_empty() && setup.backlog.is_none() {
+                continue;
+            }
+            let what = match sys::dup_from(*tgid, *fd) {
+                Ok(dup) => match sys::make_listening(&dup, &setup.opts, &setup.addr, setup.backlog) {
+                    Ok(()) => "listening".to_string(),
+                    Err(e) => format!("could not be made real: {e}"),
+                },
+                Err(e) => format!("could not be reached: {e}"),
+            };
+            listeners.push((*fd, what));
+        }
+        let sigact = self.sigact.iter().map(|(k, v)| (*k, *v)).collect();
+        Ok(Handover {
+            takeover: Takeover { leader: self.leader_live, threads, sigact },
+            log_offset: self.src.position(),
+            next_seq: self.src.next_seq(),
+            events: self.idx as u64,
+            listeners,
+        })
+    }
+
     fn finish(&mut self) -> Result<ReplayOutcome, ReplayError> {
         let events = self.idx as u64;
         match self.src.trailer().cloned() {
@@ -1080,7 +1213,12 @@ impl Engine<'_> {
                     events,
                     exit_status: got,
                     complete: true,
+                    handover: None,
                 })
+            }
+            None if self.opts.go_live && !self.threads.values().all(|t| matches!(t.st, St::Gone)) => {
+                let h = self.take_over()?;
+                Ok(ReplayOutcome { events, exit_status: -1, complete: false, handover: Some(h) })
             }
             None => {
                 let _ = nix::sys::signal::kill(
@@ -1093,6 +1231,7 @@ impl Engine<'_> {
                     events,
                     exit_status: -1,
                     complete: false,
+                    handover: None,
                 })
             }
         }

@@ -45,6 +45,11 @@ enum Cmd {
         /// Write the program's external output (stdout/stderr) as replay re-creates it.
         #[arg(long)]
         show_output: bool,
+        /// If the log was cut off (no trailer: the recorder died), let the
+        /// program continue live from where the log ends, appending to the
+        /// same log: what a standby does when its primary dies.
+        #[arg(long)]
+        go_live: bool,
     },
     /// Record a real redis-server serving a client, replay it offline and
     /// show that the replay took exactly the recorded path.
@@ -113,7 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             tracing::info!(events = out.events, bytes = out.bytes, "recorded");
             Ok(out.exit_status.clamp(0, 255) as u8)
         }
-        Cmd::Replay { log, show_output } => logcmd::replay(&log, show_output),
+        Cmd::Replay { log, show_output, go_live } => logcmd::replay(&log, show_output, go_live),
         Cmd::Log { cmd } => logcmd::run(cmd),
         Cmd::Demo => demo::run(),
         Cmd::Keygen { out, name } => {
