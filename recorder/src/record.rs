@@ -871,11 +871,17 @@ impl Recorder {
                 libc::SYS_rt_sigsuspend | libc::SYS_restart_syscall => p.mode = Mode::Emulated,
                 libc::SYS_fcntl => {
                     let k = self.proc(tgid).fds.kind(tgid, args[0] as i32);
-                    let dup = matches!(args[1] as i32, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC);
-                    p.mode = if k == FdKind::External && !dup {
-                        Mode::Emulated
-                    } else {
+                    let cmd = args[1] as i32;
+                    p.mode = if k != FdKind::External || matches!(cmd, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) {
                         Mode::Executed
+                    } else if matches!(cmd, libc::F_SETFL | libc::F_SETFD) {
+                        // The flags (O_NONBLOCK, FD_CLOEXEC) belong to the
+                        // program's own fd, placeholder or not: set them on
+                        // replay too, so a socket made real at takeover
+                        // behaves as the program expects.
+                        Mode::ExecutedInjected
+                    } else {
+                        Mode::Emulated
                     };
                 }
                 libc::SYS_ioctl => {

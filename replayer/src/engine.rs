@@ -500,6 +500,9 @@ impl Engine<'_> {
                 at_entry: false,
                 ..
             }) if *t == tid => th.st = St::Ready,
+            // A Switch to the same thread (first event after a takeover):
+            // the Switch resumes it.
+            Some(Event::Switch { tid: t }) if *t == tid => th.st = St::Ready,
             Some(e) if e.tid() == tid => {
                 th.st = St::Running;
                 let live = th.live;
