@@ -47,7 +47,14 @@ impl FdTable {
         if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
             for e in rd.flatten() {
                 if let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() {
-                    map.insert(fd, if fd <= 2 { FdKind::External } else { classify(pid, fd) });
+                    map.insert(
+                        fd,
+                        if fd <= 2 {
+                            FdKind::External
+                        } else {
+                            classify(pid, fd)
+                        },
+                    );
                 }
             }
         }

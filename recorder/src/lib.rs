@@ -12,4 +12,7 @@ pub mod seccomp;
 pub mod sys;
 pub mod tracee;
 
-pub use record::{continue_live, record, RecordError, RecordOptions, RecordOutcome, Takeover, TakeoverState, TakeoverThread};
+pub use record::{
+    continue_live, record, RecordError, RecordOptions, RecordOutcome, Takeover, TakeoverState,
+    TakeoverThread,
+};

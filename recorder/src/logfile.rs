@@ -94,13 +94,23 @@ impl LogWriter {
     /// a torn frame, is cut). `next_seq` and `events` continue the counts.
     pub fn resume(dir: &Path, offset: u64, next_seq: u64, events: u64) -> Result<Self, LogError> {
         let path = dir.join(STREAM);
-        let io = |source| LogError::Io { path: path.clone(), source };
+        let io = |source| LogError::Io {
+            path: path.clone(),
+            source,
+        };
         let file = OpenOptions::new().write(true).open(&path).map_err(io)?;
         file.set_len(offset).map_err(io)?;
         let mut file = file;
         use std::io::Seek;
         file.seek(std::io::SeekFrom::End(0)).map_err(io)?;
-        Ok(Self { path: path.clone(), file, buf: Vec::new(), seq: next_seq, written: offset, events })
+        Ok(Self {
+            path: path.clone(),
+            file,
+            buf: Vec::new(),
+            seq: next_seq,
+            written: offset,
+            events,
+        })
     }
 
     /// Append one record (buffered).

@@ -294,7 +294,13 @@ pub fn continue_live(t: Takeover, log: LogWriter) -> Result<RecordOutcome, Recor
         to_rec: t.threads.iter().map(|th| (th.live, th.rec)).collect(),
     };
     for (tgid, sigact) in &t.sigact {
-        r.procs.insert(*tgid, Proc { fds: FdTable::adopt(*tgid), sigact: *sigact });
+        r.procs.insert(
+            *tgid,
+            Proc {
+                fds: FdTable::adopt(*tgid),
+                sigact: *sigact,
+            },
+        );
     }
     for th in &t.threads {
         r.proc(th.tgid);
@@ -321,7 +327,9 @@ pub fn continue_live(t: Takeover, log: LogWriter) -> Result<RecordOutcome, Recor
                 r.runq.push_back(th.live);
                 St::Ready
             }
-            TakeoverState::InKernel { nr, args } => St::InKernel(pending(*nr, *args, Mode::Executed)),
+            TakeoverState::InKernel { nr, args } => {
+                St::InKernel(pending(*nr, *args, Mode::Executed))
+            }
             TakeoverState::Answer { nr, args, ret } => {
                 let mut regs = sys::get_regs(th.live)?;
                 regs.orig_rax = u64::MAX;
@@ -331,7 +339,16 @@ pub fn continue_live(t: Takeover, log: LogWriter) -> Result<RecordOutcome, Recor
                 St::Done(pending(*nr, *args, Mode::Emulated), regs)
             }
         };
-        r.threads.insert(th.live, Th { tgid: th.tgid, st, slice: 0, resumed_rip: None, expect: None });
+        r.threads.insert(
+            th.live,
+            Th {
+                tgid: th.tgid,
+                st,
+                slice: 0,
+                resumed_rip: None,
+                expect: None,
+            },
+        );
     }
     if let Some(c) = r.current {
         sys::cont(c, 0)?;
@@ -339,7 +356,11 @@ pub fn continue_live(t: Takeover, log: LogWriter) -> Result<RecordOutcome, Recor
     let status = r.run()?;
     let bytes = r.log.bytes();
     let events = r.log.finish(status)?;
-    Ok(RecordOutcome { exit_status: status, events, bytes })
+    Ok(RecordOutcome {
+        exit_status: status,
+        events,
+        bytes,
+    })
 }
 
 static TRACEE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -872,7 +893,9 @@ impl Recorder {
                 libc::SYS_fcntl => {
                     let k = self.proc(tgid).fds.kind(tgid, args[0] as i32);
                     let cmd = args[1] as i32;
-                    p.mode = if k != FdKind::External || matches!(cmd, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) {
+                    p.mode = if k != FdKind::External
+                        || matches!(cmd, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC)
+                    {
                         Mode::Executed
                     } else if matches!(cmd, libc::F_SETFL | libc::F_SETFD) {
                         // The flags (O_NONBLOCK, FD_CLOEXEC) belong to the
@@ -917,8 +940,15 @@ impl Recorder {
         p.entry = model::entry_info(pid, spec, &args);
         if !self.to_live.is_empty() {
             let idx: &[usize] = match nr as i64 {
-                libc::SYS_kill | libc::SYS_tkill | libc::SYS_rt_sigqueueinfo | libc::SYS_getpgid | libc::SYS_getsid
-                | libc::SYS_wait4 | libc::SYS_sched_setaffinity | libc::SYS_sched_getaffinity | libc::SYS_prlimit64 => &[0],
+                libc::SYS_kill
+                | libc::SYS_tkill
+                | libc::SYS_rt_sigqueueinfo
+                | libc::SYS_getpgid
+                | libc::SYS_getsid
+                | libc::SYS_wait4
+                | libc::SYS_sched_setaffinity
+                | libc::SYS_sched_getaffinity
+                | libc::SYS_prlimit64 => &[0],
                 libc::SYS_tgkill | libc::SYS_rt_tgsigqueueinfo | libc::SYS_setpgid => &[0, 1],
                 libc::SYS_waitid => &[1],
                 _ => &[],
@@ -1097,8 +1127,15 @@ impl Recorder {
         if !self.to_rec.is_empty() {
             let pid_result = matches!(
                 p.nr as i64,
-                libc::SYS_getpid | libc::SYS_gettid | libc::SYS_getppid | libc::SYS_getpgrp | libc::SYS_getpgid
-                    | libc::SYS_getsid | libc::SYS_setsid | libc::SYS_set_tid_address | libc::SYS_wait4
+                libc::SYS_getpid
+                    | libc::SYS_gettid
+                    | libc::SYS_getppid
+                    | libc::SYS_getpgrp
+                    | libc::SYS_getpgid
+                    | libc::SYS_getsid
+                    | libc::SYS_setsid
+                    | libc::SYS_set_tid_address
+                    | libc::SYS_wait4
             );
             let r = regs.rax as i64;
             if pid_result && r > 0 {

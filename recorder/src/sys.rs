@@ -422,12 +422,24 @@ pub fn make_listening(
     for (level, name, val) in opts {
         // SAFETY: val is a live buffer of the given length.
         unsafe {
-            libc::setsockopt(fd, *level, *name, val.as_ptr() as *const libc::c_void, val.len() as u32);
+            libc::setsockopt(
+                fd,
+                *level,
+                *name,
+                val.as_ptr() as *const libc::c_void,
+                val.len() as u32,
+            );
         }
     }
     if !addr.is_empty() {
         // SAFETY: addr holds the sockaddr bytes the program passed to bind.
-        let mut r = unsafe { libc::bind(fd, addr.as_ptr() as *const libc::sockaddr, addr.len() as u32) };
+        let mut r = unsafe {
+            libc::bind(
+                fd,
+                addr.as_ptr() as *const libc::sockaddr,
+                addr.len() as u32,
+            )
+        };
         if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EADDRNOTAVAIL) {
             // Same port, any address of this host.
             let mut any = addr.to_vec();

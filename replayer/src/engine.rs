@@ -972,11 +972,20 @@ impl Engine<'_> {
                 sys::write_mem(nl, args[3], &child.to_le_bytes())?;
             }
         }
-        let tgid = if flags & libc::CLONE_THREAD as u64 != 0 { ptgid } else { nl };
+        let tgid = if flags & libc::CLONE_THREAD as u64 != 0 {
+            ptgid
+        } else {
+            nl
+        };
         if tgid != ptgid {
             let copy = self.sigact.get(&ptgid).copied().unwrap_or([(0, 0); 65]);
             self.sigact.insert(tgid, copy);
-            let socks: Vec<_> = self.sockets.iter().filter(|((g, _), _)| *g == ptgid).map(|((_, f), v)| (*f, v.clone())).collect();
+            let socks: Vec<_> = self
+                .sockets
+                .iter()
+                .filter(|((g, _), _)| *g == ptgid)
+                .map(|((_, f), v)| (*f, v.clone()))
+                .collect();
             for (f, v) in socks {
                 self.sockets.insert((tgid, f), v);
             }
@@ -1113,7 +1122,11 @@ impl Engine<'_> {
             }
             libc::SYS_setsockopt if s.mode == Mode::Emulated => {
                 let v = sys::read_mem(live, a[3], (a[4] as usize).min(256))?;
-                self.sockets.entry((tgid, a[0] as i32)).or_default().opts.push((a[1] as i32, a[2] as i32, v));
+                self.sockets
+                    .entry((tgid, a[0] as i32))
+                    .or_default()
+                    .opts
+                    .push((a[1] as i32, a[2] as i32, v));
             }
             libc::SYS_close => {
                 self.sockets.remove(&(tgid, a[0] as i32));
@@ -1137,7 +1150,8 @@ impl Engine<'_> {
                 St::Blocked(r) => {
                     let nr = r.orig_rax as u32;
                     let args = model::args_of(r);
-                    let futex_wait = nr as i64 == libc::SYS_futex && matches!(args[1] & 0x7f, 0 | 9);
+                    let futex_wait =
+                        nr as i64 == libc::SYS_futex && matches!(args[1] & 0x7f, 0 | 9);
                     if futex_wait {
                         // Its wake may already have happened on the old
                         // primary: a spurious return is always allowed.
@@ -1146,8 +1160,14 @@ impl Engine<'_> {
                         TakeoverState::AtEntry
                     }
                 }
-                St::InKernel(Some(r)) => TakeoverState::InKernel { nr: r.orig_rax as u32, args: model::args_of(r) },
-                St::InKernel(None) => TakeoverState::InKernel { nr: libc::SYS_vfork as u32, args: [0; 6] },
+                St::InKernel(Some(r)) => TakeoverState::InKernel {
+                    nr: r.orig_rax as u32,
+                    args: model::args_of(r),
+                },
+                St::InKernel(None) => TakeoverState::InKernel {
+                    nr: libc::SYS_vfork as u32,
+                    args: [0; 6],
+                },
                 St::AfterClone(r, child) => {
                     let mut r = *r;
                     r.rax = *child as u64;
@@ -1155,7 +1175,12 @@ impl Engine<'_> {
                     TakeoverState::Ready
                 }
             };
-            threads.push(TakeoverThread { rec: *rec, live: th.live, tgid: th.tgid, state });
+            threads.push(TakeoverThread {
+                rec: *rec,
+                live: th.live,
+                tgid: th.tgid,
+                state,
+            });
         }
         let mut listeners = Vec::new();
         for ((tgid, fd), setup) in &self.sockets {
@@ -1163,7 +1188,8 @@ impl Engine<'_> {
                 continue;
             }
             let what = match sys::dup_from(*tgid, *fd) {
-                Ok(dup) => match sys::make_listening(&dup, &setup.opts, &setup.addr, setup.backlog) {
+                Ok(dup) => match sys::make_listening(&dup, &setup.opts, &setup.addr, setup.backlog)
+                {
                     Ok(()) => "listening".to_string(),
                     Err(e) => format!("could not be made real: {e}"),
                 },
@@ -1173,7 +1199,11 @@ impl Engine<'_> {
         }
         let sigact = self.sigact.iter().map(|(k, v)| (*k, *v)).collect();
         Ok(Handover {
-            takeover: Takeover { leader: self.leader_live, threads, sigact },
+            takeover: Takeover {
+                leader: self.leader_live,
+                threads,
+                sigact,
+            },
             log_offset: self.src.position(),
             next_seq: self.src.next_seq(),
             events: self.idx as u64,
@@ -1219,9 +1249,16 @@ impl Engine<'_> {
                     handover: None,
                 })
             }
-            None if self.opts.go_live && !self.threads.values().all(|t| matches!(t.st, St::Gone)) => {
+            None if self.opts.go_live
+                && !self.threads.values().all(|t| matches!(t.st, St::Gone)) =>
+            {
                 let h = self.take_over()?;
-                Ok(ReplayOutcome { events, exit_status: -1, complete: false, handover: Some(h) })
+                Ok(ReplayOutcome {
+                    events,
+                    exit_status: -1,
+                    complete: false,
+                    handover: Some(h),
+                })
             }
             None => {
                 let _ = nix::sys::signal::kill(

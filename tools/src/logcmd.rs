@@ -356,16 +356,30 @@ pub fn replay(dir: &Path, show: bool, go_live: bool) -> anyhow::Result<u8> {
     if code != 0 {
         return Ok(code);
     }
-    match hotstandby_replayer::replay(dir, &ReplayOptions { show_output: show, go_live }) {
-        Ok(ReplayOutcome { handover: Some(h), events, .. }) => {
+    match hotstandby_replayer::replay(
+        dir,
+        &ReplayOptions {
+            show_output: show,
+            go_live,
+        },
+    ) {
+        Ok(ReplayOutcome {
+            handover: Some(h),
+            events,
+            ..
+        }) => {
             eprintln!("hotstandby: replayed all {events} events; the log ends here and the program goes on live");
             for (fd, what) in &h.listeners {
                 eprintln!("hotstandby: listening socket fd {fd}: {what}");
             }
             let writer = logfile::LogWriter::resume(dir, h.log_offset, h.next_seq, h.events)
                 .with_context(|| format!("continuing the log in {}", dir.display()))?;
-            let out = hotstandby_recorder::continue_live(h.takeover, writer).context("running live")?;
-            eprintln!("hotstandby: the program exited with status {} ({} events in the log)", out.exit_status, out.events);
+            let out =
+                hotstandby_recorder::continue_live(h.takeover, writer).context("running live")?;
+            eprintln!(
+                "hotstandby: the program exited with status {} ({} events in the log)",
+                out.exit_status, out.events
+            );
             Ok(out.exit_status.clamp(0, 255) as u8)
         }
         Ok(out) if out.complete => {

@@ -118,7 +118,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             tracing::info!(events = out.events, bytes = out.bytes, "recorded");
             Ok(out.exit_status.clamp(0, 255) as u8)
         }
-        Cmd::Replay { log, show_output, go_live } => logcmd::replay(&log, show_output, go_live),
+        Cmd::Replay {
+            log,
+            show_output,
+            go_live,
+        } => logcmd::replay(&log, show_output, go_live),
         Cmd::Log { cmd } => logcmd::run(cmd),
         Cmd::Demo => demo::run(),
         Cmd::Keygen { out, name } => {
