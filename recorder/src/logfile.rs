@@ -38,6 +38,32 @@ pub enum LogError {
     NoHeader { path: PathBuf },
 }
 
+/// Backpressure shared between the recorder and the replication driver:
+/// when a standby is connected and holds too little of the log, appending
+/// waits, which stops the program at its next syscall.
+#[derive(Debug)]
+pub struct Throttle {
+    /// Log bytes the standby has acknowledged.
+    pub acked: std::sync::atomic::AtomicU64,
+    /// A standby is connected (without one, the program runs unthrottled).
+    pub active: std::sync::atomic::AtomicBool,
+    /// Unacknowledged bytes allowed.
+    pub max_unacked: u64,
+    /// Total time spent waiting, in microseconds.
+    pub waited_us: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    pub fn new(max_unacked: u64) -> Self {
+        Throttle {
+            acked: 0.into(),
+            active: false.into(),
+            max_unacked,
+            waited_us: 0.into(),
+        }
+    }
+}
+
 /// Appends records to a new log directory.
 #[derive(Debug)]
 pub struct LogWriter {
@@ -47,9 +73,38 @@ pub struct LogWriter {
     seq: u64,
     written: u64,
     events: u64,
+    throttle: Option<std::sync::Arc<Throttle>>,
+    warned: bool,
 }
 
 impl LogWriter {
+    /// Apply backpressure from a replication driver.
+    pub fn set_throttle(&mut self, t: std::sync::Arc<Throttle>) {
+        self.throttle = Some(t);
+    }
+
+    fn apply_throttle(&mut self) -> Result<(), LogError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(t) = self.throttle.clone() else { return Ok(()) };
+        if !t.active.load(Relaxed) || self.bytes().saturating_sub(t.acked.load(Relaxed)) <= t.max_unacked {
+            return Ok(());
+        }
+        self.flush()?;
+        if !self.warned {
+            eprintln!(
+                "hotstandby: the standby is more than {} bytes behind; slowing the program until it catches up",
+                t.max_unacked
+            );
+            self.warned = true;
+        }
+        let start = std::time::Instant::now();
+        while t.active.load(Relaxed) && self.bytes().saturating_sub(t.acked.load(Relaxed)) > t.max_unacked / 2 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        t.waited_us.fetch_add(start.elapsed().as_micros() as u64, Relaxed);
+        Ok(())
+    }
+
     /// Create `dir` (owner-only) and start its stream with `identity`.
     pub fn create(dir: &Path, identity: &Identity) -> Result<Self, LogError> {
         let io = |source| LogError::Io {
@@ -83,6 +138,8 @@ impl LogWriter {
             seq: 0,
             written: 0,
             events: 0,
+            throttle: None,
+            warned: false,
         };
         w.append(&Record::Header(identity.clone()))?;
         w.flush()?;
@@ -110,6 +167,8 @@ impl LogWriter {
             seq: next_seq,
             written: offset,
             events,
+            throttle: None,
+            warned: false,
         })
     }
 
@@ -125,7 +184,7 @@ impl LogWriter {
         if self.buf.len() >= 256 * 1024 {
             self.flush()?;
         }
-        Ok(())
+        self.apply_throttle()
     }
 
     /// Append one event.

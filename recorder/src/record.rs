@@ -54,6 +54,8 @@ pub struct RecordOptions {
     /// A directory whose starting state is copied into the log, so replay
     /// can start from it.
     pub data_dir: Option<PathBuf>,
+    /// Backpressure from a replication driver (`hotstandby run`).
+    pub throttle: Option<std::sync::Arc<crate::logfile::Throttle>>,
 }
 
 /// The result of a recording.
@@ -180,7 +182,10 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
         &cwd,
         data_dir.as_deref(),
     )?;
-    let log = LogWriter::create(&opts.log_dir, &id)?;
+    let mut log = LogWriter::create(&opts.log_dir, &id)?;
+    if let Some(t) = &opts.throttle {
+        log.set_throttle(t.clone());
+    }
     if let Some(d) = &data_dir {
         copy_tree(d, &opts.log_dir.join(crate::logfile::DATA_START)).map_err(|source| {
             RecordError::DataDir {

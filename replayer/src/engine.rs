@@ -53,6 +53,21 @@ pub struct ReplayOptions {
     /// When the log ends without a trailer (the recording was cut off),
     /// hand the program over to live execution instead of killing it.
     pub go_live: bool,
+    /// Follow a log that is still being written (a standby): wait for more
+    /// events instead of ending, until `lost` is set or a trailer arrives.
+    pub live: Option<std::sync::Arc<LiveFeed>>,
+    /// Bind this directory over the recorded data directory (a standby's
+    /// own copy of the program's files) instead of a snapshot from the log.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Shared between a standby's network side and its replay.
+#[derive(Debug, Default)]
+pub struct LiveFeed {
+    /// The primary is gone: replay what is held, then go live.
+    pub lost: std::sync::atomic::AtomicBool,
+    /// Events replayed so far.
+    pub replayed: std::sync::atomic::AtomicU64,
 }
 
 /// A program handed over to live execution at the end of its log.
@@ -212,14 +227,16 @@ impl Drop for Scratch {
 /// Replay the log in `dir`. (Check the whole log first with
 /// `logfile::scan` to refuse a corrupt one before anything runs.)
 pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayError> {
-    let mut src = EventCursor::open(dir, false)?;
+    let mut src = EventCursor::open(dir, opts.live.is_some())?;
     let identity = src.identity().clone();
     let log = &identity;
     check_identity(log)?;
     let mut _scratch = None;
     let data_dir = PathBuf::from(String::from_utf8_lossy(&log.data_dir).into_owned());
     let snapshot = dir.join(DATA_START);
-    let bind = if !log.data_dir.is_empty() && snapshot.is_dir() {
+    let bind = if let (Some(own), false) = (&opts.data_dir, log.data_dir.is_empty()) {
+        Some((own.clone(), data_dir))
+    } else if !log.data_dir.is_empty() && snapshot.is_dir() {
         let s = std::env::temp_dir().join(format!("hotstandby-replay-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&s);
         copy_tree(&snapshot, &s).map_err(|source| ReplayError::DataDir {
@@ -388,6 +405,9 @@ impl Engine<'_> {
     fn run(&mut self) -> Result<ReplayOutcome, ReplayError> {
         while let Some(ev) = self.ev(self.idx)? {
             self.src.release_before(self.idx);
+            if let Some(f) = &self.opts.live {
+                f.replayed.store(self.idx as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             let ev = &ev;
             tracing::trace!(idx = self.idx, ?ev, "replay");
             match ev {
@@ -910,9 +930,28 @@ impl Engine<'_> {
         Ok(None)
     }
 
-    /// Event `i` of the log, if it has one.
+    /// Event `i` of the log, if it has one. Following a live log, waits
+    /// for it until the primary is declared lost or the log is complete.
     fn ev(&mut self, i: usize) -> Result<Option<Event>, ReplayError> {
-        Ok(self.src.get(i)?.cloned())
+        use std::sync::atomic::Ordering::Relaxed;
+        loop {
+            if let Some(e) = self.src.get(i)? {
+                return Ok(Some(e.clone()));
+            }
+            let Some(feed) = &self.opts.live else { return Ok(None) };
+            if self.src.trailer().is_some() {
+                return Ok(None);
+            }
+            if feed.lost.load(Relaxed) {
+                // Take in whatever arrived before the loss was declared.
+                if self.src.refresh()? {
+                    continue;
+                }
+                return Ok(None);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            self.src.refresh()?;
+        }
     }
 
     fn on_spawn(&mut self, tid: u32, child: u32, flags: u64) -> Result<(), ReplayError> {

@@ -12,4 +12,4 @@ mod divergence;
 mod engine;
 
 pub use divergence::Divergence;
-pub use engine::{replay, Handover, ReplayError, ReplayOptions, ReplayOutcome};
+pub use engine::{replay, Handover, LiveFeed, ReplayError, ReplayOptions, ReplayOutcome};

@@ -361,6 +361,7 @@ pub fn replay(dir: &Path, show: bool, go_live: bool) -> anyhow::Result<u8> {
         &ReplayOptions {
             show_output: show,
             go_live,
+            ..Default::default()
         },
     ) {
         Ok(ReplayOutcome {

@@ -113,6 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 log_dir: log.clone(),
                 argv: cmd,
                 data_dir,
+                throttle: None,
             })
             .with_context(|| format!("recording into {}", log.display()))?;
             tracing::info!(events = out.events, bytes = out.bytes, "recorded");
