@@ -233,7 +233,9 @@ impl Primary {
                     self.refuse("both nodes are primaries");
                     return Err(SessionError::SameRole(role));
                 }
-                if exe_sha256 != self.exe_sha256 {
+                // All zeros: the standby has no log yet and checks the
+                // program identity in the log header itself.
+                if exe_sha256 != [0; 32] && exe_sha256 != self.exe_sha256 {
                     self.refuse("the standby's program binary differs from the primary's");
                     return Err(SessionError::WrongProgram);
                 }

@@ -85,8 +85,12 @@ impl LogWriter {
 
     fn apply_throttle(&mut self) -> Result<(), LogError> {
         use std::sync::atomic::Ordering::Relaxed;
-        let Some(t) = self.throttle.clone() else { return Ok(()) };
-        if !t.active.load(Relaxed) || self.bytes().saturating_sub(t.acked.load(Relaxed)) <= t.max_unacked {
+        let Some(t) = self.throttle.clone() else {
+            return Ok(());
+        };
+        if !t.active.load(Relaxed)
+            || self.bytes().saturating_sub(t.acked.load(Relaxed)) <= t.max_unacked
+        {
             return Ok(());
         }
         self.flush()?;
@@ -98,10 +102,13 @@ impl LogWriter {
             self.warned = true;
         }
         let start = std::time::Instant::now();
-        while t.active.load(Relaxed) && self.bytes().saturating_sub(t.acked.load(Relaxed)) > t.max_unacked / 2 {
+        while t.active.load(Relaxed)
+            && self.bytes().saturating_sub(t.acked.load(Relaxed)) > t.max_unacked / 2
+        {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        t.waited_us.fetch_add(start.elapsed().as_micros() as u64, Relaxed);
+        t.waited_us
+            .fetch_add(start.elapsed().as_micros() as u64, Relaxed);
         Ok(())
     }
 

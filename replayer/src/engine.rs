@@ -406,7 +406,8 @@ impl Engine<'_> {
         while let Some(ev) = self.ev(self.idx)? {
             self.src.release_before(self.idx);
             if let Some(f) = &self.opts.live {
-                f.replayed.store(self.idx as u64, std::sync::atomic::Ordering::Relaxed);
+                f.replayed
+                    .store(self.idx as u64, std::sync::atomic::Ordering::Relaxed);
             }
             let ev = &ev;
             tracing::trace!(idx = self.idx, ?ev, "replay");
@@ -938,7 +939,9 @@ impl Engine<'_> {
             if let Some(e) = self.src.get(i)? {
                 return Ok(Some(e.clone()));
             }
-            let Some(feed) = &self.opts.live else { return Ok(None) };
+            let Some(feed) = &self.opts.live else {
+                return Ok(None);
+            };
             if self.src.trailer().is_some() {
                 return Ok(None);
             }

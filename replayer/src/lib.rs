@@ -12,4 +12,6 @@ mod divergence;
 mod engine;
 
 pub use divergence::Divergence;
-pub use engine::{replay, Handover, LiveFeed, ReplayError, ReplayOptions, ReplayOutcome};
+pub use engine::{
+    check_identity, replay, Handover, LiveFeed, ReplayError, ReplayOptions, ReplayOutcome,
+};

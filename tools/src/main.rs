@@ -2,6 +2,7 @@
 
 mod demo;
 mod logcmd;
+mod node;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,11 +65,108 @@ enum Cmd {
         #[arg(long, default_value = "hotstandby-node")]
         name: String,
     },
+    /// Run CMD as a protected primary: record it into DIR and stream the log
+    /// to a standby over QUIC (mutual TLS, pinned certificates).
+    Run {
+        /// Address to accept the standby on, e.g. 0.0.0.0:7600.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Data directory snapshot for offline replay (as with `record`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Follow a primary: receive its log, replay the program in lockstep,
+    /// and take over when the primary's heartbeats stop.
+    Standby {
+        /// The primary's address.
+        #[arg(long)]
+        primary: std::net::SocketAddr,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// This host's copy of the program's data directory, mounted over
+        /// the recorded one for the program (default: the recorded path).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Where to accept a new standby after taking over (default:
+        /// 0.0.0.0 and the primary's port).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Role, peer, lag, heartbeats of the node using log DIR.
+    Status {
+        #[arg(long)]
+        log: PathBuf,
+    },
     /// Inspect a log.
     Log {
         #[command(subcommand)]
         cmd: logcmd::LogCmd,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct NodeArgs {
+    /// Log directory of this node.
+    #[arg(long)]
+    log: PathBuf,
+    /// This node's certificate (from `keygen`).
+    #[arg(long)]
+    cert: PathBuf,
+    /// This node's key (from `keygen`).
+    #[arg(long)]
+    key: PathBuf,
+    /// The peer's certificate: the only one accepted.
+    #[arg(long)]
+    peer_cert: PathBuf,
+    /// Heartbeat interval.
+    #[arg(long, default_value_t = 50)]
+    heartbeat_ms: u64,
+    /// Silence after which the peer is considered gone.
+    #[arg(long, default_value_t = 300)]
+    timeout_ms: u64,
+    /// Unacknowledged log (MiB) above which the primary slows its program.
+    #[arg(long, default_value_t = 64)]
+    max_lag_mb: u64,
+    /// Virtual IP to move at takeover (network takeover: not available yet).
+    #[arg(long)]
+    vip: Option<String>,
+    /// Interface for --vip.
+    #[arg(long)]
+    dev: Option<String>,
+}
+
+impl NodeArgs {
+    fn split(self) -> anyhow::Result<(PathBuf, node::Tls, hotstandby_protocol::session::Config)> {
+        if self.vip.is_some() || self.dev.is_some() {
+            anyhow::bail!("--vip/--dev (moving a virtual IP and live TCP connections) is not implemented yet; run without them: the program continues on the standby's own addresses");
+        }
+        if self.timeout_ms < 2 * self.heartbeat_ms {
+            anyhow::bail!(
+                "--timeout-ms ({}) must be at least twice --heartbeat-ms ({})",
+                self.timeout_ms,
+                self.heartbeat_ms
+            );
+        }
+        let cfg = hotstandby_protocol::session::Config {
+            heartbeat: std::time::Duration::from_millis(self.heartbeat_ms),
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            max_unacked: self.max_lag_mb << 20,
+            ..Default::default()
+        };
+        Ok((
+            self.log,
+            node::Tls {
+                cert: self.cert,
+                key: self.key,
+                peer_cert: self.peer_cert,
+            },
+            cfg,
+        ))
+    }
 }
 
 fn main() -> ExitCode {
@@ -126,6 +224,25 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         } => logcmd::replay(&log, show_output, go_live),
         Cmd::Log { cmd } => logcmd::run(cmd),
         Cmd::Demo => demo::run(),
+        Cmd::Run {
+            listen,
+            node: n,
+            data_dir,
+            cmd,
+        } => {
+            let (log, tls, cfg) = n.split()?;
+            node::run(listen, log, tls, cfg, data_dir, cmd)
+        }
+        Cmd::Standby {
+            primary,
+            node: n,
+            data_dir,
+            listen,
+        } => {
+            let (log, tls, cfg) = n.split()?;
+            node::standby(primary, log, tls, cfg, data_dir, listen)
+        }
+        Cmd::Status { log } => node::status(&log),
         Cmd::Keygen { out, name } => {
             let (cert, key) = hotstandby_transport::keygen(&out, &name)?;
             println!("key:         {} (keep it secret; mode 0600)", key.display());

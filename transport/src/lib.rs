@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use hotstandby_protocol::wire::{Message, WireError};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+pub use rustls::pki_types::CertificateDer;
+use rustls::pki_types::PrivateKeyDer;
 use thiserror::Error;
 
 pub use quinn::{Connection, Endpoint};

@@ -1,0 +1,655 @@
+//! `hotstandby run`, `standby` and `status`: the replication driver.
+//!
+//! Thin by design: the session logic is the sans-IO state machine in
+//! `hotstandby_protocol::session`, the bytes move through
+//! `hotstandby_transport` (QUIC, pinned mutual TLS), and recording, replay
+//! and takeover are the engine crates. The recorder and the replayer run on
+//! their own threads (a tracer must be one thread); the network runs on a
+//! single-threaded tokio runtime.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hotstandby_protocol::frame::FrameReader;
+use hotstandby_protocol::session::{
+    Config, Primary, PrimaryState, Standby, StandbyState, Transmit,
+};
+use hotstandby_protocol::wire::{Message, Role};
+use hotstandby_recorder::logfile::{self, EventCursor, LogWriter, Throttle, STREAM};
+use hotstandby_replayer::{LiveFeed, ReplayOptions};
+use hotstandby_transport::{self as transport, Connection, Endpoint, MsgStream, NodeKeys};
+
+/// Exit status of a primary that found a newer primary and stepped down.
+pub const EXIT_STEPPED_DOWN: u8 = 75;
+
+/// Where the peer and our keys are.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub peer_cert: PathBuf,
+}
+
+impl Tls {
+    fn load(&self) -> anyhow::Result<(NodeKeys, rustls_pki::CertificateDer<'static>)> {
+        let keys = transport::load_keys(&self.cert, &self.key)?;
+        let peer = transport::load_cert(&self.peer_cert)?;
+        Ok((keys, peer))
+    }
+}
+
+mod rustls_pki {
+    pub use hotstandby_transport::CertificateDer;
+}
+const STATUS: &str = "status";
+
+fn write_status(dir: &Path, text: &str) {
+    let tmp = dir.join(".status.tmp");
+    if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::rename(&tmp, dir.join(STATUS));
+    }
+}
+
+/// `hotstandby status --log DIR`.
+pub fn status(dir: &Path) -> anyhow::Result<u8> {
+    let p = dir.join(STATUS);
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "no status in {} (is run/standby running there?)",
+            dir.display()
+        )
+    })?;
+    let age = std::fs::metadata(&p)?
+        .modified()?
+        .elapsed()
+        .unwrap_or_default();
+    print!("{text}");
+    println!(
+        "status age:  {} ms{}",
+        age.as_millis(),
+        if age > Duration::from_secs(2) {
+            " (stale: the node is not running)"
+        } else {
+            ""
+        }
+    );
+    Ok(0)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// How serving a standby ended.
+enum Served {
+    /// The standby went away; go on unprotected.
+    StandbyGone,
+    /// The program exited and the standby holds the whole log.
+    Finished,
+    /// A newer primary exists.
+    SteppedDown,
+}
+
+/// Serve standbys from the log in `dir` until the program (watched by
+/// `finished`) exits. Returns true when this primary stepped down.
+async fn serve_primary(
+    ep: Endpoint,
+    dir: &Path,
+    cfg: Config,
+    epoch: u64,
+    throttle: Arc<Throttle>,
+    finished: &(dyn Fn() -> bool + Sync),
+) -> anyhow::Result<bool> {
+    let path = dir.join(STREAM);
+    while !path.exists() {
+        if finished() {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let file = std::fs::File::open(&path)?;
+    let sha = loop {
+        match EventCursor::open(dir, true) {
+            Ok(c) => break c.identity().exe_sha256,
+            Err(_) if !finished() => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut session = Primary::new(cfg, epoch, sha);
+    eprintln!(
+        "hotstandby: primary (epoch {epoch}) listening on {}; unprotected until a standby joins",
+        ep.local_addr()?
+    );
+    let mut last_status = Instant::now() - Duration::from_secs(1);
+    loop {
+        let conn = loop {
+            if finished() {
+                return Ok(false);
+            }
+            if last_status.elapsed() > Duration::from_millis(100) {
+                session.log_appended(file.metadata()?.len());
+                write_status(
+                    dir,
+                    &primary_status(&session, "unprotected", None, &throttle),
+                );
+                last_status = Instant::now();
+            }
+            tokio::select! {
+                inc = ep.accept() => {
+                    let Some(inc) = inc else { bail!("the QUIC endpoint closed") };
+                    match inc.await {
+                        Ok(c) => break c,
+                        Err(e) => eprintln!("hotstandby: refused a connection: {e}"),
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        };
+        match serve_one(&conn, dir, &file, &mut session, &throttle, finished).await {
+            Ok(Served::StandbyGone) => {
+                throttle.active.store(false, Relaxed);
+                eprintln!("hotstandby: the standby is gone; serving UNPROTECTED until a standby joins again");
+                session.handle_disconnected();
+                conn.close(0u32.into(), b"standby lost");
+            }
+            Ok(Served::Finished) => {
+                throttle.active.store(false, Relaxed);
+                conn.close(0u32.into(), b"done");
+                return Ok(false);
+            }
+            Ok(Served::SteppedDown) => {
+                throttle.active.store(false, Relaxed);
+                return Ok(true);
+            }
+            Err(e) => {
+                throttle.active.store(false, Relaxed);
+                eprintln!("hotstandby: standby connection failed: {e:#}; serving UNPROTECTED");
+                session.handle_disconnected();
+            }
+        }
+    }
+}
+
+fn primary_status(s: &Primary, conn: &str, peer: Option<SocketAddr>, t: &Throttle) -> String {
+    let st = s.status(Instant::now());
+    format!(
+        "role:        primary (epoch {})\nstate:       {} ({})\npeer:        {}\nlag:         {} bytes not yet acknowledged\nlast heard:  {}\nthrottled:   {} ms in total\nlog:         {} bytes\n",
+        st.epoch,
+        st.state,
+        conn,
+        peer.map(|p| p.to_string()).unwrap_or_else(|| "none".into()),
+        st.lag_bytes,
+        st.last_heard.map(|d| format!("{} ms ago", d.as_millis())).unwrap_or_else(|| "never".into()),
+        t.waited_us.load(Relaxed) / 1000,
+        st.log_bytes,
+    )
+}
+
+async fn send(
+    conn: &Connection,
+    stream: &mut MsgStream,
+    file: &std::fs::File,
+    t: Transmit,
+) -> anyhow::Result<()> {
+    match t {
+        Transmit::Stream(m) => stream.send(&m).await?,
+        Transmit::LogRange { offset, len } => {
+            let mut bytes = vec![0u8; len as usize];
+            file.read_exact_at(&mut bytes, offset)?;
+            stream.send(&Message::Log { offset, bytes }).await?;
+        }
+        Transmit::Datagram(m) => {
+            let _ = transport::send_datagram(conn, &m);
+        }
+    }
+    Ok(())
+}
+
+async fn serve_one(
+    conn: &Connection,
+    dir: &Path,
+    file: &std::fs::File,
+    session: &mut Primary,
+    throttle: &Throttle,
+    finished: &(dyn Fn() -> bool + Sync),
+) -> anyhow::Result<Served> {
+    let peer = conn.remote_address();
+    session.handle_connected(Instant::now());
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), MsgStream::accept(conn))
+        .await
+        .context("standby opened no stream")??;
+    eprintln!("hotstandby: standby {peer} connected");
+    throttle.active.store(true, Relaxed);
+    let mut last_status = Instant::now();
+    let mut finished_at: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        session.log_appended(file.metadata()?.len());
+        while let Some(t) = session.poll_transmit(now) {
+            send(conn, &mut stream, file, t).await?;
+        }
+        tokio::select! {
+            m = stream.recv() => match m {
+                Ok(Some(msg)) => {
+                    if let Message::Refuse { reason } = &msg {
+                        eprintln!("hotstandby: the standby refused: {reason}");
+                        return Ok(Served::StandbyGone);
+                    }
+                    if let Err(e) = session.handle_message(msg, Instant::now()) {
+                        eprintln!("hotstandby: refusing the standby: {e}");
+                        while let Some(t) = session.poll_transmit(Instant::now()) {
+                            let _ = send(conn, &mut stream, file, t).await;
+                        }
+                        return Ok(Served::StandbyGone);
+                    }
+                }
+                Ok(None) | Err(_) => return Ok(Served::StandbyGone),
+            },
+            d = conn.read_datagram() => {
+                if let Ok(d) = d {
+                    if let Ok((m, _)) = Message::decode(&d) {
+                        let _ = session.handle_message(m, Instant::now());
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+        }
+        let now = Instant::now();
+        if session.handle_timeout(now) {
+            return Ok(Served::StandbyGone);
+        }
+        throttle.acked.store(session.acked(), Relaxed);
+        if session.state() == PrimaryState::SteppedDown {
+            return Ok(Served::SteppedDown);
+        }
+        if finished() {
+            let t0 = *finished_at.get_or_insert(now);
+            let end = file.metadata()?.len();
+            if session.acked() >= end || now - t0 > Duration::from_secs(5) {
+                return Ok(Served::Finished);
+            }
+        }
+        if now - last_status > Duration::from_millis(100) {
+            write_status(
+                dir,
+                &primary_status(session, "connected", Some(peer), throttle),
+            );
+            last_status = now;
+        }
+    }
+}
+
+/// `hotstandby run`.
+pub fn run(
+    listen: SocketAddr,
+    log: PathBuf,
+    tls: Tls,
+    cfg: Config,
+    data_dir: Option<PathBuf>,
+    cmd: Vec<String>,
+) -> anyhow::Result<u8> {
+    let (keys, peer) = tls.load()?;
+    let rt = runtime()?;
+    let ep = {
+        let _g = rt.enter();
+        transport::server(listen, &keys, peer)?
+    };
+    let throttle = Arc::new(Throttle::new(cfg.max_unacked));
+    let opts = hotstandby_recorder::RecordOptions {
+        log_dir: log.clone(),
+        argv: cmd,
+        data_dir,
+        throttle: Some(throttle.clone()),
+    };
+    let rec = std::thread::spawn(move || hotstandby_recorder::record(&opts));
+    let finished = || rec.is_finished();
+    let stepped_down = rt.block_on(serve_primary(ep, &log, cfg, 1, throttle, &finished))?;
+    if stepped_down {
+        eprintln!("hotstandby: A NEWER PRIMARY HAS TAKEN OVER: this primary steps down and stops its program");
+        write_status(
+            &log,
+            "role:        primary, STEPPED DOWN (a newer primary took over)\n",
+        );
+        // Exiting kills the program: the recorder traces it with
+        // PTRACE_O_EXITKILL.
+        std::process::exit(EXIT_STEPPED_DOWN as i32);
+    }
+    let out = rec
+        .join()
+        .map_err(|_| anyhow::anyhow!("the recorder thread panicked"))??;
+    Ok(out.exit_status.clamp(0, 255) as u8)
+}
+
+/// The length of the longest prefix of the file that is whole frames.
+fn valid_prefix(path: &Path) -> u64 {
+    let Ok(bytes) = std::fs::read(path) else {
+        return 0;
+    };
+    let mut aligned = rkyv::util::AlignedVec::<16>::new();
+    aligned.extend_from_slice(&bytes);
+    let Ok(mut r) = FrameReader::new(&aligned) else {
+        return 0;
+    };
+    let mut end = r.position();
+    for f in r.by_ref() {
+        match f {
+            Ok(f) => end = f.end,
+            Err(_) => break,
+        }
+    }
+    end as u64
+}
+
+/// `hotstandby standby`.
+#[allow(clippy::too_many_arguments)]
+pub fn standby(
+    primary: SocketAddr,
+    log: PathBuf,
+    tls: Tls,
+    cfg: Config,
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+) -> anyhow::Result<u8> {
+    use std::os::unix::fs::DirBuilderExt;
+    let (keys, peer) = tls.load()?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&log)
+        .with_context(|| format!("creating {}", log.display()))?;
+    let path = log.join(STREAM);
+    let resume = valid_prefix(&path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)?;
+    file.set_len(resume)?;
+    let feed = Arc::new(LiveFeed::default());
+    let throttle = Arc::new(Throttle::new(cfg.max_unacked));
+    let rt = runtime()?;
+    let client = {
+        let _g = rt.enter();
+        transport::client("0.0.0.0:0".parse().expect("addr"), &keys, peer.clone())?
+    };
+    let mut replayer: Option<std::thread::JoinHandle<anyhow::Result<i32>>> = None;
+    let lost = rt.block_on(follow(
+        &client,
+        primary,
+        &log,
+        &file,
+        cfg,
+        resume,
+        &feed,
+        &throttle,
+        &data_dir,
+        &mut replayer,
+    ))?;
+    let Some(rep) = replayer else {
+        bail!("the primary at {primary} was never reached with a log; nothing to take over");
+    };
+    if !lost {
+        let code = rep
+            .join()
+            .map_err(|_| anyhow::anyhow!("the replay thread panicked"))??;
+        eprintln!("hotstandby: the program exited on the primary (status {code}); the standby's replay completed");
+        return Ok(code.clamp(0, 255) as u8);
+    }
+    // Promoted: serve a new standby from the continued log, and tell the
+    // old primary, should it come back, that it has been replaced.
+    let listen =
+        listen.unwrap_or_else(|| SocketAddr::new("0.0.0.0".parse().expect("addr"), primary.port()));
+    let epoch = 2;
+    let ep = {
+        let _g = rt.enter();
+        transport::server(listen, &keys, peer)?
+    };
+    let announce = rt.spawn(announce_takeover(client.clone(), primary, epoch));
+    let finished = || rep.is_finished();
+    let _ = rt.block_on(serve_primary(ep, &log, cfg, epoch, throttle, &finished));
+    announce.abort();
+    let code = rep
+        .join()
+        .map_err(|_| anyhow::anyhow!("the live program thread panicked"))??;
+    Ok(code.clamp(0, 255) as u8)
+}
+
+/// Tell the old primary, for a while, that a newer primary exists.
+async fn announce_takeover(ep: Endpoint, old: SocketAddr, epoch: u64) {
+    for _ in 0..600 {
+        if let Ok(Ok(conn)) =
+            tokio::time::timeout(Duration::from_millis(500), transport::connect(&ep, old)).await
+        {
+            if let Ok(mut s) = MsgStream::open(&conn).await {
+                let hello = Message::Hello {
+                    version_min: hotstandby_protocol::wire::VERSION_MIN,
+                    version_max: hotstandby_protocol::wire::VERSION_MAX,
+                    role: Role::Primary,
+                    epoch,
+                    resume_offset: 0,
+                    exe_sha256: [0; 32],
+                };
+                let _ = s.send(&hello).await;
+                let _ = transport::send_datagram(
+                    &conn,
+                    &Message::Heartbeat {
+                        role: Role::Primary,
+                        epoch,
+                        sent_ms: 0,
+                        offset: 0,
+                    },
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn start_replay(
+    log: &Path,
+    feed: &Arc<LiveFeed>,
+    throttle: &Arc<Throttle>,
+    data_dir: &Option<PathBuf>,
+) -> std::thread::JoinHandle<anyhow::Result<i32>> {
+    let (log, feed, throttle, data_dir) = (
+        log.to_path_buf(),
+        feed.clone(),
+        throttle.clone(),
+        data_dir.clone(),
+    );
+    std::thread::spawn(move || {
+        let opts = ReplayOptions {
+            show_output: false,
+            go_live: true,
+            live: Some(feed),
+            data_dir,
+        };
+        let out = hotstandby_replayer::replay(&log, &opts)?;
+        let Some(h) = out.handover else {
+            return Ok(out.exit_status);
+        };
+        eprintln!(
+            "hotstandby: GOING LIVE after {} events: the program now runs for real on this host",
+            h.events
+        );
+        for (fd, what) in &h.listeners {
+            eprintln!("hotstandby: listening socket fd {fd}: {what}");
+        }
+        let mut w = LogWriter::resume(&log, h.log_offset, h.next_seq, h.events)?;
+        w.set_throttle(throttle);
+        let o = hotstandby_recorder::continue_live(h.takeover, w)?;
+        Ok(o.exit_status)
+    })
+}
+
+/// Follow the primary. Returns true when the primary was declared lost
+/// (go live), false when the log completed.
+#[allow(clippy::too_many_arguments)]
+async fn follow(
+    ep: &Endpoint,
+    primary: SocketAddr,
+    log: &Path,
+    file: &std::fs::File,
+    cfg: Config,
+    resume: u64,
+    feed: &Arc<LiveFeed>,
+    throttle: &Arc<Throttle>,
+    data_dir: &Option<PathBuf>,
+    replayer: &mut Option<std::thread::JoinHandle<anyhow::Result<i32>>>,
+) -> anyhow::Result<bool> {
+    let mut session = Standby::new(cfg, [0; 32], resume);
+    let mut backoff = Duration::from_millis(100);
+    let mut last_heard: Option<Instant> = None;
+    let mut written = resume;
+    let mut last_status = Instant::now();
+    loop {
+        if let Some(r) = replayer.as_ref() {
+            if r.is_finished() {
+                return Ok(false);
+            }
+        }
+        let conn =
+            match tokio::time::timeout(Duration::from_secs(2), transport::connect(ep, primary))
+                .await
+            {
+                Ok(Ok(c)) => c,
+                other => {
+                    if let (Some(t), Some(_)) = (last_heard, replayer.as_ref()) {
+                        if t.elapsed() >= cfg.timeout {
+                            eprintln!(
+                                "hotstandby: the primary at {primary} is gone (silent for {} ms)",
+                                t.elapsed().as_millis()
+                            );
+                            feed.lost.store(true, Relaxed);
+                            return Ok(true);
+                        }
+                    }
+                    let why = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    };
+                    eprintln!(
+                        "hotstandby: connecting to {primary}: {why}; retrying in {} ms",
+                        backoff.as_millis()
+                    );
+                    tokio::time::sleep(if last_heard.is_some() {
+                        Duration::from_millis(20)
+                    } else {
+                        backoff
+                    })
+                    .await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+        backoff = Duration::from_millis(100);
+        session.handle_connected(Instant::now());
+        let mut stream = MsgStream::open(&conn).await?;
+        eprintln!("hotstandby: connected to primary {primary}; resuming the log at byte {written}");
+        loop {
+            let now = Instant::now();
+            while let Some(t) = session.poll_transmit(now) {
+                match t {
+                    Transmit::Stream(m) => stream.send(&m).await?,
+                    Transmit::Datagram(m) => {
+                        let _ = transport::send_datagram(&conn, &m);
+                    }
+                    Transmit::LogRange { .. } => {}
+                }
+            }
+            let mut broken = false;
+            tokio::select! {
+                m = stream.recv() => match m {
+                    Ok(Some(msg)) => {
+                        last_heard = Some(Instant::now());
+                        let bytes = match &msg { Message::Log { bytes, .. } => Some(bytes.clone()), _ => None };
+                        match session.handle_message(msg, Instant::now()) {
+                            Ok(Some((off, len))) => {
+                                let bytes = bytes.expect("a log message");
+                                file.write_all_at(&bytes, off).with_context(|| format!("writing the standby's log in {}", log.display()))?;
+                                written = off + len as u64;
+                                session.handle_written(written);
+                                if replayer.is_none() {
+                                    match EventCursor::open(log, true) {
+                                        Ok(c) => {
+                                            if let Err(e) = hotstandby_replayer::check_identity(c.identity()) {
+                                                let reason = e.to_string();
+                                                let _ = stream.send(&Message::Refuse { reason: reason.clone() }).await;
+                                                conn.close(1u32.into(), b"wrong program");
+                                                bail!("{reason}");
+                                            }
+                                            *replayer = Some(start_replay(log, feed, throttle, data_dir));
+                                        }
+                                        Err(logfile::LogError::Corrupt { .. }) | Err(logfile::LogError::NoHeader { .. }) => {}
+                                        Err(e) => return Err(e.into()),
+                                    }
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                eprintln!("hotstandby: primary session: {e}");
+                                if matches!(e, hotstandby_protocol::session::SessionError::Refused(_)) {
+                                    bail!("the primary refused this standby: {e}");
+                                }
+                                broken = true;
+                            }
+                        }
+                    }
+                    Ok(None) | Err(_) => broken = true,
+                },
+                d = conn.read_datagram() => {
+                    if let Ok(d) = d {
+                        if let Ok((m, _)) = Message::decode(&d) {
+                            last_heard = Some(Instant::now());
+                            let _ = session.handle_message(m, Instant::now());
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+            }
+            let now = Instant::now();
+            if session.handle_timeout(now) && replayer.is_some() {
+                eprintln!(
+                    "hotstandby: no heartbeat from the primary for {} ms: taking over",
+                    cfg.timeout.as_millis()
+                );
+                feed.lost.store(true, Relaxed);
+                conn.close(0u32.into(), b"primary lost");
+                return Ok(true);
+            }
+            if let Some(r) = replayer.as_ref() {
+                if r.is_finished() {
+                    return Ok(false);
+                }
+            }
+            if now - last_status > Duration::from_millis(100) {
+                let st = session.status(now);
+                write_status(
+                    log,
+                    &format!(
+                        "role:        standby (following epoch {})\nstate:       {}\npeer:        {primary}\nlog:         {} bytes held\nreplayed:    {} events\nlast heard:  {}\n",
+                        st.epoch,
+                        st.state,
+                        st.log_bytes,
+                        feed.replayed.load(Relaxed),
+                        st.last_heard.map(|d| format!("{} ms ago", d.as_millis())).unwrap_or_else(|| "never".into()),
+                    ),
+                );
+                last_status = now;
+            }
+            if broken || session.state() == StandbyState::Disconnected {
+                session.handle_disconnected();
+                break;
+            }
+        }
+    }
+}
