@@ -197,3 +197,103 @@ impl Default for Rng {
         Self::new()
     }
 }
+
+/// Two test hosts, "primary" and "standby", each in its own network
+/// namespace, joined by a veth pair with addresses from 198.51.100.0/24
+/// (documentation range, never routed anywhere). Removed on drop, also
+/// when a test fails; processes started in them must be killed by the test
+/// (by PID) before.
+#[derive(Debug)]
+pub struct TwoHosts {
+    pub primary_ns: String,
+    pub standby_ns: String,
+    pub primary_ip: &'static str,
+    pub standby_ip: &'static str,
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("iproute2 (ip) must be installed");
+    assert!(st.success(), "ip {} failed", args.join(" "));
+}
+
+impl TwoHosts {
+    /// `tag`: a short name unique among concurrently running tests.
+    pub fn new(tag: &str) -> Self {
+        require_root();
+        let id = format!("{}{}", tag, std::process::id() % 100_000);
+        let h = TwoHosts {
+            primary_ns: format!("hsp-{id}"),
+            standby_ns: format!("hss-{id}"),
+            primary_ip: "198.51.100.1",
+            standby_ip: "198.51.100.2",
+        };
+        let (vp, vs) = (format!("vp{id}"), format!("vs{id}"));
+        ip(&["netns", "add", &h.primary_ns]);
+        ip(&["netns", "add", &h.standby_ns]);
+        ip(&[
+            "link",
+            "add",
+            &vp,
+            "netns",
+            &h.primary_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &vs,
+            "netns",
+            &h.standby_ns,
+        ]);
+        for (ns, dev, addr) in [
+            (&h.primary_ns, &vp, "198.51.100.1/24"),
+            (&h.standby_ns, &vs, "198.51.100.2/24"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        h
+    }
+
+    /// A command run inside a host's namespace.
+    pub fn cmd(&self, ns: &str, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(program);
+        c
+    }
+
+    /// Drop all traffic between the two hosts (iptables inside the
+    /// primary's namespace only), or restore it.
+    pub fn partition(&self, on: bool) {
+        let op = if on { "-A" } else { "-D" };
+        for (chain, flag) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
+            let st = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.primary_ns,
+                    "iptables",
+                    op,
+                    chain,
+                    flag,
+                    self.standby_ip,
+                    "-j",
+                    "DROP",
+                ])
+                .status()
+                .expect("iptables must be installed");
+            assert!(st.success(), "iptables {op} {chain} failed");
+        }
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in [&self.primary_ns, &self.standby_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! Failure injection on two test hosts (network namespaces joined by a veth
+//! pair): a counter program under `hotstandby run` on the primary, a
+//! `hotstandby standby` following it. After each failure the surviving
+//! side's file must hold 1..N with no gap and no repetition, and the exit
+//! statuses must be right.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hotstandby_tests::*;
+
+const N: i64 = 3000;
+
+fn bin() -> PathBuf {
+    let b = PathBuf::from(env!("CARGO_BIN_EXE_hotstandby"));
+    require_tracing(&b);
+    b
+}
+
+fn lines(p: &Path) -> Vec<i64> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+fn assert_counts(v: &[i64], n: i64, what: &str) {
+    assert_eq!(
+        v.len() as i64,
+        n,
+        "{what}: expected {n} numbers, got {}",
+        v.len()
+    );
+    for (i, x) in v.iter().enumerate() {
+        assert_eq!(
+            *x,
+            i as i64 + 1,
+            "{what}: number {} is {x} (gap or repetition)",
+            i + 1
+        );
+    }
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills a child by its PID when dropped (also when a test fails).
+struct Guard(Option<Child>);
+impl Guard {
+    fn pid(&self) -> i32 {
+        self.0.as_ref().expect("running").id() as i32
+    }
+    fn wait(&mut self, secs: u64) -> std::process::Output {
+        let c = self.0.take().expect("running");
+        let pid = c.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(c.wait_with_output());
+        });
+        match rx.recv_timeout(Duration::from_secs(secs)) {
+            Ok(o) => o.expect("wait"),
+            Err(_) => {
+                // SAFETY: kill takes plain integers; the pid is our child's.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                panic!("process {pid} did not finish within {secs} s");
+            }
+        }
+    }
+}
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Lab {
+    _s: Scratch,
+    hosts: TwoHosts,
+    b: PathBuf,
+    counter: PathBuf,
+    a: PathBuf,
+    dir: PathBuf,
+}
+
+impl Lab {
+    fn new(tag: &str) -> Lab {
+        let b = bin();
+        let s = Scratch::new(&format!("failover-{tag}"));
+        let counter = build_c("counter", s.path());
+        let dir = s.path().to_path_buf();
+        for k in ["kp", "ks"] {
+            let st = Command::new(&b)
+                .args(["keygen", "--out"])
+                .arg(dir.join(k))
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let a = dir.join("A");
+        std::fs::create_dir(&a).unwrap();
+        Lab {
+            hosts: TwoHosts::new(tag),
+            b,
+            counter,
+            a,
+            dir,
+            _s: s,
+        }
+    }
+
+    fn primary(&self) -> Guard {
+        let c = self
+            .hosts
+            .cmd(&self.hosts.primary_ns, &self.b)
+            .args(["run", "--listen", "198.51.100.1:7600", "--log"])
+            .arg(self.dir.join("lp"))
+            .arg("--cert")
+            .arg(self.dir.join("kp/node.crt"))
+            .arg("--key")
+            .arg(self.dir.join("kp/node.key"))
+            .arg("--peer-cert")
+            .arg(self.dir.join("ks/node.crt"))
+            .arg("--data-dir")
+            .arg(&self.a)
+            .arg("--")
+            .arg(&self.counter)
+            .args([&N.to_string(), "2000"])
+            .current_dir(&self.a)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Guard(Some(c))
+    }
+
+    /// A standby with its own log and data directory named `name`.
+    fn standby(&self, name: &str) -> (Guard, PathBuf, PathBuf) {
+        let data = self.dir.join(format!("{name}-data"));
+        std::fs::create_dir_all(&data).unwrap();
+        let log = self.dir.join(format!("{name}-log"));
+        let c = self
+            .hosts
+            .cmd(&self.hosts.standby_ns, &self.b)
+            .args([
+                "standby",
+                "--primary",
+                "198.51.100.1:7600",
+                "--listen",
+                "198.51.100.2:7600",
+                "--log",
+            ])
+            .arg(&log)
+            .arg("--cert")
+            .arg(self.dir.join("ks/node.crt"))
+            .arg("--key")
+            .arg(self.dir.join("ks/node.key"))
+            .arg("--peer-cert")
+            .arg(self.dir.join("kp/node.crt"))
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (Guard(Some(c)), data.join("counter.txt"), log)
+    }
+
+    fn a_file(&self) -> PathBuf {
+        self.a.join("counter.txt")
+    }
+}
+
+fn status(b: &Path, log: &Path) -> String {
+    let o = Command::new(b)
+        .args(["status", "--log"])
+        .arg(log)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn following(lab: &Lab, log: &Path, file: &Path) {
+    wait_until("the standby to follow", 20, || {
+        status(&lab.b, log).contains("Following") && lines(file).len() > 100
+    });
+}
+
+#[test]
+fn kill_9_of_the_primary_supervisor() {
+    let lab = Lab::new("k");
+    let mut p = lab.primary();
+    let (mut s, sfile, slog) = lab.standby("s1");
+    following(&lab, &slog, &sfile);
+    assert!(status(&lab.b, &lab.dir.join("lp")).contains("Protected"));
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(p.pid(), libc::SIGKILL) };
+    let po = p.wait(10);
+    assert_eq!(po.status.code(), None, "killed by a signal");
+    let so = s.wait(60);
+    let out = String::from_utf8_lossy(&so.stdout);
+    let err = String::from_utf8_lossy(&so.stderr);
+    assert_eq!(so.status.code(), Some(0), "{err}");
+    assert!(err.contains("GOING LIVE"), "{err}");
+    assert_eq!(out.trim(), format!("done {N}"));
+    assert_counts(&lines(&sfile), N, "standby's file");
+    let primary_had = lines(&lab.a_file());
+    assert!(
+        (primary_had.len() as i64) < N,
+        "the primary was killed mid-run"
+    );
+}
+
+#[test]
+fn a_new_standby_catches_up_and_then_takes_over() {
+    let lab = Lab::new("r");
+    let mut p = lab.primary();
+    let (mut s1, f1, l1) = lab.standby("s1");
+    following(&lab, &l1, &f1);
+    // The standby dies; the primary serves on, unprotected.
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(s1.pid(), libc::SIGKILL) };
+    s1.wait(10);
+    wait_until("the primary to notice", 10, || {
+        status(&lab.b, &lab.dir.join("lp")).contains("Unprotected")
+    });
+    let before = lines(&lab.a_file()).len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        lines(&lab.a_file()).len() > before,
+        "an unprotected primary keeps serving"
+    );
+    // A new standby with an empty log catches up from the start, then the primary dies.
+    let (mut s2, f2, l2) = lab.standby("s2");
+    following(&lab, &l2, &f2);
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(p.pid(), libc::SIGKILL) };
+    p.wait(10);
+    let so = s2.wait(60);
+    assert_eq!(
+        so.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&so.stderr)
+    );
+    assert_counts(&lines(&f2), N, "new standby's file");
+}
+
+#[test]
+fn a_stopped_primary_that_wakes_up_steps_down() {
+    let lab = Lab::new("t");
+    let mut p = lab.primary();
+    let (mut s, sfile, slog) = lab.standby("s1");
+    following(&lab, &slog, &sfile);
+    // SIGSTOP the primary's supervisor and program (its process group is ours to stop).
+    let prog = lines(&lab.a_file()).len();
+    let pids: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.split_whitespace().nth(3) == Some(&p.pid().to_string()))
+                .unwrap_or(false)
+        })
+        .collect();
+    for pid in pids.iter().chain(std::iter::once(&p.pid())) {
+        // SAFETY: plain integers; these are our child and its children.
+        unsafe { libc::kill(*pid, libc::SIGSTOP) };
+    }
+    wait_until("the standby to take over", 20, || {
+        status(&lab.b, &slog).contains("epoch 2")
+    });
+    for pid in std::iter::once(&p.pid()).chain(pids.iter()) {
+        // SAFETY: as above.
+        unsafe { libc::kill(*pid, libc::SIGCONT) };
+    }
+    let po = p.wait(30);
+    let perr = String::from_utf8_lossy(&po.stderr);
+    assert_eq!(
+        po.status.code(),
+        Some(75),
+        "the old primary must step down loudly: {perr}"
+    );
+    assert!(perr.contains("NEWER PRIMARY"), "{perr}");
+    assert!(lines(&lab.a_file()).len() >= prog);
+    let so = s.wait(60);
+    assert_eq!(
+        so.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&so.stderr)
+    );
+    assert_counts(&lines(&sfile), N, "standby's file");
+}
+
+#[test]
+fn a_partition_between_the_hosts() {
+    let lab = Lab::new("x");
+    let mut p = lab.primary();
+    let (mut s, sfile, slog) = lab.standby("s1");
+    following(&lab, &slog, &sfile);
+    lab.hosts.partition(true);
+    wait_until("the standby to take over", 20, || {
+        status(&lab.b, &slog).contains("epoch 2")
+    });
+    wait_until("the primary to see its standby gone", 20, || {
+        status(&lab.b, &lab.dir.join("lp")).contains("Unprotected")
+    });
+    lab.hosts.partition(false);
+    let po = p.wait(30);
+    assert_eq!(
+        po.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&po.stderr)
+    );
+    let so = s.wait(60);
+    assert_eq!(
+        so.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&so.stderr)
+    );
+    assert_counts(&lines(&sfile), N, "standby's file");
+}
