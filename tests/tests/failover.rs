@@ -368,7 +368,21 @@ fn redis_fails_over_with_its_data() {
         .arg(lab.dir.join("ks/node.crt"))
         .arg("--data-dir")
         .arg(&data)
-        .args(["--", "redis-server", "--port", "6390", "--bind", "198.51.100.1", "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir"])
+        .args([
+            "--",
+            "redis-server",
+            "--port",
+            "6390",
+            "--bind",
+            "198.51.100.1",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+        ])
         .arg(&data)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -376,8 +390,12 @@ fn redis_fails_over_with_its_data() {
         .unwrap();
     let mut p = Guard(Some(c));
     let (mut s, _sfile, slog) = lab.standby("s1");
-    wait_until("redis on the primary", 20, || redis_cli(&lab, &lab.hosts.primary_ns, "198.51.100.1", &["ping"]) == "PONG");
-    wait_until("the standby to follow", 20, || status(&lab.b, &slog).contains("Following"));
+    wait_until("redis on the primary", 20, || {
+        redis_cli(&lab, &lab.hosts.primary_ns, "198.51.100.1", &["ping"]) == "PONG"
+    });
+    wait_until("the standby to follow", 20, || {
+        status(&lab.b, &slog).contains("Following")
+    });
     let mut rng = Rng::new();
     let mut script = String::new();
     let mut expect = Vec::new();
@@ -388,31 +406,169 @@ fn redis_fails_over_with_its_data() {
     }
     script.push_str("INCRBY counter 400\n");
     let mut cli = Command::new("ip")
-        .args(["netns", "exec", &lab.hosts.primary_ns, "redis-cli", "-h", "198.51.100.1", "-p", "6390"])
+        .args([
+            "netns",
+            "exec",
+            &lab.hosts.primary_ns,
+            "redis-cli",
+            "-h",
+            "198.51.100.1",
+            "-p",
+            "6390",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     use std::io::Write;
-    cli.stdin.as_mut().unwrap().write_all(script.as_bytes()).unwrap();
+    cli.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
     drop(cli.stdin.take());
     let replies = cli.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&replies.stdout).lines().filter(|l| *l == "OK").count(), 400, "every write acknowledged");
+    assert_eq!(
+        String::from_utf8_lossy(&replies.stdout)
+            .lines()
+            .filter(|l| *l == "OK")
+            .count(),
+        400,
+        "every write acknowledged"
+    );
     // Without the output rule (network takeover) an acknowledgement can
     // precede the standby's copy by the replication lag: wait it out.
-    wait_until("the standby to hold the whole log", 20, || status(&lab.b, &lab.dir.join("lp")).contains("lag:         0 bytes"));
+    wait_until("the standby to hold the whole log", 20, || {
+        status(&lab.b, &lab.dir.join("lp")).contains("lag:         0 bytes")
+    });
     // SAFETY: plain integers; the pid is our child's.
     unsafe { libc::kill(p.pid(), libc::SIGKILL) };
     p.wait(10);
     wait_until("redis on the standby's address", 30, || {
         redis_cli(&lab, &lab.hosts.standby_ns, "198.51.100.2", &["ping"]) == "PONG"
     });
-    assert_eq!(redis_cli(&lab, &lab.hosts.standby_ns, "198.51.100.2", &["get", "counter"]), "400");
+    assert_eq!(
+        redis_cli(
+            &lab,
+            &lab.hosts.standby_ns,
+            "198.51.100.2",
+            &["get", "counter"]
+        ),
+        "400"
+    );
     for (i, v) in expect.iter().enumerate() {
-        assert_eq!(&redis_cli(&lab, &lab.hosts.standby_ns, "198.51.100.2", &["get", &format!("key:{i}")]), v, "key:{i}");
+        assert_eq!(
+            &redis_cli(
+                &lab,
+                &lab.hosts.standby_ns,
+                "198.51.100.2",
+                &["get", &format!("key:{i}")]
+            ),
+            v,
+            "key:{i}"
+        );
     }
-    assert_eq!(redis_cli(&lab, &lab.hosts.standby_ns, "198.51.100.2", &["incr", "counter"]), "401");
-    redis_cli(&lab, &lab.hosts.standby_ns, "198.51.100.2", &["shutdown", "nosave"]);
+    assert_eq!(
+        redis_cli(
+            &lab,
+            &lab.hosts.standby_ns,
+            "198.51.100.2",
+            &["incr", "counter"]
+        ),
+        "401"
+    );
+    redis_cli(
+        &lab,
+        &lab.hosts.standby_ns,
+        "198.51.100.2",
+        &["shutdown", "nosave"],
+    );
     let so = s.wait(30);
-    assert_eq!(so.status.code(), Some(0), "{}", String::from_utf8_lossy(&so.stderr));
+    assert_eq!(
+        so.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&so.stderr)
+    );
+}
+
+/// A standby with the wrong certificate and garbage on the QUIC port are
+/// refused while the primary keeps serving; a proper standby still joins.
+#[test]
+fn bad_peers_are_refused_and_the_primary_serves_on() {
+    let lab = Lab::new("b");
+    let st = Command::new(&lab.b)
+        .args(["keygen", "--out"])
+        .arg(lab.dir.join("kx"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut p = lab.primary();
+    // Garbage datagrams at the primary's port.
+    let st = Command::new("ip")
+        .args(["netns", "exec", &lab.hosts.standby_ns, "bash", "-c"])
+        .arg("for i in 1 2 3 4 5; do head -c 1200 /dev/urandom > /dev/udp/198.51.100.1/7600; done")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // A standby holding a certificate the primary does not pin.
+    let bad = lab
+        .hosts
+        .cmd(&lab.hosts.standby_ns, &lab.b)
+        .args(["standby", "--primary", "198.51.100.1:7600", "--log"])
+        .arg(lab.dir.join("bad-log"))
+        .arg("--cert")
+        .arg(lab.dir.join("kx/node.crt"))
+        .arg("--key")
+        .arg(lab.dir.join("kx/node.key"))
+        .arg("--peer-cert")
+        .arg(lab.dir.join("kp/node.crt"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut bad = Guard(Some(bad));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        status(&lab.b, &lab.dir.join("lp")).contains("Unprotected"),
+        "no log goes to an unpinned peer"
+    );
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(bad.pid(), libc::SIGKILL) };
+    let bo = bad.wait(10);
+    let berr = String::from_utf8_lossy(&bo.stderr);
+    assert!(
+        berr.contains("not the pinned --peer-cert"),
+        "the refusal names the problem: {berr}"
+    );
+    assert!(
+        !lab.dir.join("bad-log/events.hsl").exists()
+            || std::fs::metadata(lab.dir.join("bad-log/events.hsl"))
+                .unwrap()
+                .len()
+                == 0,
+        "not one byte of log reached the unpinned standby"
+    );
+    let before = lines(&lab.a_file()).len();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(lines(&lab.a_file()).len() > before, "the primary serves on");
+    // The right standby still joins and protects it.
+    let (mut s, sfile, slog) = lab.standby("s1");
+    following(&lab, &slog, &sfile);
+    let po = p.wait(60);
+    let perr = String::from_utf8_lossy(&po.stderr);
+    assert_eq!(po.status.code(), Some(0), "{perr}");
+    assert!(
+        perr.contains("refused a connection"),
+        "the primary says why: {perr}"
+    );
+    let so = s.wait(30);
+    assert_eq!(
+        so.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&so.stderr)
+    );
+    assert_counts(&lines(&lab.a_file()), N, "primary's file");
 }
