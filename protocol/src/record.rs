@@ -92,7 +92,12 @@ pub enum Event {
     Syscall(SyscallEvent),
     /// A thread went into the kernel with a syscall that may block; another
     /// thread may run before it completes.
-    Enter { tid: u32, nr: u32, args: [u64; 6] },
+    Enter {
+        tid: u32,
+        nr: u32,
+        args: [u64; 6],
+        mode: Mode,
+    },
     /// The supervisor lets `tid` run user code (preemption at a syscall
     /// boundary, or the first run of a new thread).
     Switch { tid: u32 },

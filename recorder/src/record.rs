@@ -461,14 +461,15 @@ impl Recorder {
 
     fn enter_logged(&mut self, t: i32) -> Result<(), RecordError> {
         self.tentative = None;
-        let (nr, args) = match &self.threads.get(&t).map(|th| &th.st) {
-            Some(St::InKernel(p)) | Some(St::Restarting(p, _)) => (p.nr, p.args),
+        let (nr, args, mode) = match &self.threads.get(&t).map(|th| &th.st) {
+            Some(St::InKernel(p)) | Some(St::Restarting(p, _)) => (p.nr, p.args, p.mode),
             _ => return Ok(()),
         };
         self.log.event(Event::Enter {
             tid: self.rt(t),
             nr,
             args,
+            mode,
         })?;
         Ok(())
     }

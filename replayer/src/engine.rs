@@ -142,6 +142,22 @@ struct Engine<'a> {
     sigact: HashMap<i32, [(u64, u64); 65]>,
     /// Socket set-up per (live tgid, fd), for going live.
     sockets: HashMap<(i32, i32), SockSetup>,
+    /// Reads of the program's own pipes in the kernel, being filled to the
+    /// recorded byte count, by live tid.
+    fills: HashMap<i32, Fill>,
+}
+
+/// A read asked for exactly its recorded byte count. A pipe read returns as
+/// soon as some bytes are there, so the supervisor makes it again for the
+/// rest as soon as it returns (while other threads go on), until it has
+/// them all: the writer it is waiting for must not find the pipe full.
+#[derive(Debug, Clone)]
+struct Fill {
+    entry: Regs,
+    nr: u32,
+    want: u64,
+    total: u64,
+    done: Option<Regs>,
 }
 
 /// Check that the program on this machine is the one recorded.
@@ -256,6 +272,7 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
         _p: std::marker::PhantomData,
         sigact: HashMap::from([(pid, [(0, 0); 65])]),
         sockets: HashMap::new(),
+        fills: HashMap::new(),
         opts,
         threads: HashMap::new(),
         leader_live: pid,
@@ -413,7 +430,12 @@ impl Engine<'_> {
             tracing::trace!(idx = self.idx, ?ev, "replay");
             match ev {
                 Event::Syscall(s) => self.on_syscall(s)?,
-                Event::Enter { tid, nr, args } => self.on_enter(*tid, *nr, args)?,
+                Event::Enter {
+                    tid,
+                    nr,
+                    args,
+                    mode,
+                } => self.on_enter(*tid, *nr, args, *mode)?,
                 Event::Switch { tid } => {
                     let th = self.th(*tid)?;
                     match th.st {
@@ -743,56 +765,140 @@ impl Engine<'_> {
         in_kernel: bool,
     ) -> Result<Regs, ReplayError> {
         let name = sysmodel::name(s.nr);
-        let want = read_fill(s);
         if !in_kernel {
-            if let Some(w) = want {
+            if let Some(w) = read_fill(s) {
                 let mut q = entry;
                 q.rdx = w;
                 sys::set_regs(live, &q)?;
+                self.fills.insert(
+                    live,
+                    Fill {
+                        entry,
+                        nr: s.nr,
+                        want: w,
+                        total: 0,
+                        done: None,
+                    },
+                );
             }
             sys::syscall(live, 0)?;
         }
-        let mut x = self.finish_exec(tid, live, &name)?;
-        let Some(want) = want else { return Ok(x) };
-        let mut total = 0u64;
-        loop {
-            let k = x.rax as i64;
-            if k <= 0 {
-                break;
+        if self.fills.contains_key(&live) {
+            loop {
+                if let Some(x) = self.fills.get(&live).and_then(|f| f.done) {
+                    self.fills.remove(&live);
+                    return Ok(x);
+                }
+                if !self.pump(tid, live)? {
+                    self.pump_others(live)?;
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
             }
-            total += k as u64;
-            if total >= want {
-                break;
-            }
-            // Make the same read again for the rest.
-            x.rip -= 2;
-            x.rax = x.orig_rax;
-            x.rsi = entry.rsi + total;
-            x.rdx = want - total;
-            if s.nr as i64 == libc::SYS_pread64 {
-                x.r10 = entry.r10 + total;
-            }
-            sys::set_regs(live, &x)?;
-            sys::cont(live, 0)?;
-            match wait_for(live)? {
-                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_SECCOMP) => sys::syscall(live, 0)?,
-                other => return self.diverge(tid, name, "the rest of a read", describe(&other)),
-            }
-            x = self.finish_exec(tid, live, &name)?;
         }
-        if total > 0 {
-            x.rax = total;
+        self.finish_exec(tid, live, &name)
+    }
+
+    /// Move a filling read of `live` on without blocking; true when it
+    /// made progress.
+    fn pump(&mut self, tid: u32, live: i32) -> Result<bool, ReplayError> {
+        let st = match waitpid(
+            Pid::from_raw(live),
+            Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+        ) {
+            Ok(WaitStatus::StillAlive) => return Ok(false),
+            Ok(st) => st,
+            Err(Errno::EINTR) => return Ok(false),
+            Err(e) => return Err(ReplayError::Wait(e)),
+        };
+        match st {
+            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_SECCOMP) => sys::syscall(live, 0)?,
+            WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGCHLD) => sys::syscall(live, 0)?,
+            WaitStatus::PtraceSyscall(_) => {
+                let mut x = sys::get_regs(live)?;
+                let k = x.rax as i64;
+                if hotstandby_recorder::record::is_restart(k) {
+                    sys::syscall(live, 0)?;
+                    return Ok(true);
+                }
+                let f = self.fills.get_mut(&live).expect("a fill");
+                if k > 0 {
+                    f.total += k as u64;
+                }
+                if k > 0 && f.total < f.want {
+                    x.rip -= 2;
+                    x.rax = x.orig_rax;
+                    x.rsi = f.entry.rsi + f.total;
+                    x.rdx = f.want - f.total;
+                    if f.nr as i64 == libc::SYS_pread64 {
+                        x.r10 = f.entry.r10 + f.total;
+                    }
+                    sys::set_regs(live, &x)?;
+                    sys::cont(live, 0)?;
+                } else {
+                    if f.total > 0 {
+                        x.rax = f.total;
+                    }
+                    x.rsi = f.entry.rsi;
+                    x.rdx = f.entry.rdx;
+                    x.r10 = f.entry.r10;
+                    f.done = Some(x);
+                }
+            }
+            other => return self.diverge(tid, "read", "the read to complete", describe(&other)),
         }
-        x.rsi = entry.rsi;
-        x.rdx = entry.rdx;
-        x.r10 = entry.r10;
-        Ok(x)
+        Ok(true)
+    }
+
+    /// Move every other filling read on.
+    fn pump_others(&mut self, except: i32) -> Result<(), ReplayError> {
+        let pending: Vec<i32> = self
+            .fills
+            .iter()
+            .filter(|(l, f)| **l != except && f.done.is_none())
+            .map(|(l, _)| *l)
+            .collect();
+        for l in pending {
+            let tid = self
+                .threads
+                .iter()
+                .find(|(_, t)| t.live == l)
+                .map(|(k, _)| *k)
+                .unwrap_or(0);
+            while self.pump(tid, l)? {}
+        }
+        Ok(())
     }
 
     /// Wait for the exit stop of a syscall already let into the kernel.
     fn finish_exec(&mut self, tid: u32, live: i32, name: &str) -> Result<Regs, ReplayError> {
         loop {
-            match wait_for(live)? {
+            let st = if self.fills.values().any(|f| f.done.is_none()) {
+                // Keep pipe reads moving while this syscall waits, or it
+                // may wait for them.
+                match waitpid(
+                    Pid::from_raw(live),
+                    Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+                ) {
+                    Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {
+                        self.pump_others(live)?;
+                        std::thread::sleep(std::time::Duration::from_micros(20));
+                        continue;
+                    }
+                    Ok(WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGCHLD))
+                        if sys::get_siginfo(live)
+                            .map(|i| sys::si_code(&i) > 0)
+                            .unwrap_or(false) =>
+                    {
+                        sys::cont(live, 0)?;
+                        continue;
+                    }
+                    Ok(st) => st,
+                    Err(e) => return Err(ReplayError::Wait(e)),
+                }
+            } else {
+                wait_for(live)?
+            };
+            match st {
                 WaitStatus::PtraceSyscall(_)
                     if hotstandby_recorder::record::is_restart(sys::get_regs(live)?.rax as i64) =>
                 {
@@ -891,7 +997,13 @@ impl Engine<'_> {
         self.take_signal(tid, live, sig, info)
     }
 
-    fn on_enter(&mut self, tid: u32, nr: u32, args: &[u64; 6]) -> Result<(), ReplayError> {
+    fn on_enter(
+        &mut self,
+        tid: u32,
+        nr: u32,
+        args: &[u64; 6],
+        mode: Mode,
+    ) -> Result<(), ReplayError> {
         if matches!(self.th(tid)?.st, St::InKernel(_)) {
             return Ok(()); // a vfork parent, already waiting in the kernel
         }
@@ -901,13 +1013,29 @@ impl Engine<'_> {
         // wrote part of its bytes before blocking; readers logged before it
         // completes may have read them. Let it into the kernel now, as it
         // was then. Everything else waits at its entry until its result.
-        let completion = self.completion_of(tid)?;
-        if let Some(c) = completion.filter(|c| c.mode == Mode::Executed) {
+        if mode == Mode::Executed {
             let live = self.th(tid)?.live;
             let mut q = r;
-            if let Some(want) = read_fill(&c) {
-                q.rdx = want;
-                sys::set_regs(live, &q)?;
+            // Only a read needs its result now (to ask for exactly the
+            // recorded byte count); it looks ahead for its completion.
+            if matches!(
+                nr as i64,
+                libc::SYS_read | libc::SYS_pread64 | libc::SYS_recvfrom
+            ) {
+                if let Some(want) = self.completion_of(tid)?.as_ref().and_then(read_fill) {
+                    q.rdx = want;
+                    sys::set_regs(live, &q)?;
+                    self.fills.insert(
+                        live,
+                        Fill {
+                            entry: r,
+                            nr,
+                            want,
+                            total: 0,
+                            done: None,
+                        },
+                    );
+                }
             }
             sys::syscall(live, 0)?;
             self.th(tid)?.st = St::InKernel(Some(r));

@@ -142,7 +142,7 @@ pub fn event_line(i: usize, e: &Event) -> String {
             }
             line
         }
-        Event::Enter { tid, nr, args } => format!(
+        Event::Enter { tid, nr, args, .. } => format!(
             "#{i} [{tid}] {}({}) <blocked in kernel>",
             sysmodel::name(*nr),
             args.iter()
