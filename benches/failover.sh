@@ -84,7 +84,7 @@ ip netns exec "$NS" "$H" standby --primary 198.51.100.1:7600 --listen 198.51.100
     --cert "$W/ks/node.crt" --key "$W/ks/node.key" --peer-cert "$W/kp/node.crt" --data-dir "$W/B" >/dev/null 2>&1 & SP=$!
 PIDS="$PP $SP"
 t1=0; t2=0
-for _ in $(seq 1 120000); do
+for _ in $(seq 1 12000); do
     if [ "$t1" = 0 ] && grep -q "Protected (connected)" "$W/lp/status" 2>/dev/null && grep -q "lag:         0 bytes" "$W/lp/status"; then t1=$(now); fi
     r=$(awk '/^replayed:/ {print $2}' "$W/ls/status" 2>/dev/null || echo 0)
     if [ "${r:-0}" -ge $((EV - 2)) ]; then t2=$(now); break; fi
