@@ -58,8 +58,8 @@ pub enum SessionError {
         "peer speaks protocol versions {min}..={max}, this build {VERSION_MIN}..={VERSION_MAX}"
     )]
     Version { min: u16, max: u16 },
-    /// The standby runs a different program than the log.
-    #[error("the standby's program is not the recorded one (sha256 differs)")]
+    /// The standby's log directory holds another recording.
+    #[error("the standby's log directory holds a different log (another program or another run); give the standby an empty log directory")]
     WrongProgram,
     /// The peer claims the same role as us.
     #[error("the peer is also a {0:?}")]
@@ -236,7 +236,7 @@ impl Primary {
                 // All zeros: the standby has no log yet and checks the
                 // program identity in the log header itself.
                 if exe_sha256 != [0; 32] && exe_sha256 != self.exe_sha256 {
-                    self.refuse("the standby's program binary differs from the primary's");
+                    self.refuse("the standby's log directory holds a different log (another program or another run); give the standby an empty log directory");
                     return Err(SessionError::WrongProgram);
                 }
                 if resume_offset > self.log_end {

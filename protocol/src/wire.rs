@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! Hello     1  version_min u16 | version_max u16 | role u8 | epoch u64 |
-//!              resume_offset u64 | exe_sha256 [32]
+//!              resume_offset u64 | log_id [32] (sha256 of the header record;
+//!              zeros from a standby without a log)
 //! Log       2  offset u64 | bytes (rest)            primary → standby, stream
 //! Ack       3  offset u64                           standby → primary, stream
 //! Refuse    4  reason (UTF-8, rest)                  either way, then close

@@ -242,6 +242,15 @@ impl LogWriter {
     }
 }
 
+/// sha256 of the header record's bytes: identifies one recording (program,
+/// arguments, environment, start time). `None` without a whole header.
+pub fn log_id(dir: &Path) -> Option<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let r = LogReader::open(dir).ok()?;
+    let f = FrameReader::new(r.bytes()).ok()?.next()?.ok()?;
+    Some(Sha256::digest(f.payload).into())
+}
+
 /// Nanoseconds since the Unix epoch.
 pub fn now_unix_ns() -> u64 {
     std::time::SystemTime::now()

@@ -572,3 +572,50 @@ fn bad_peers_are_refused_and_the_primary_serves_on() {
     );
     assert_counts(&lines(&lab.a_file()), N, "primary's file");
 }
+
+/// A standby whose log directory holds another recording is refused; the
+/// primary serves on.
+#[test]
+fn a_log_directory_from_another_program_is_refused() {
+    let lab = Lab::new("o");
+    let other = lab.dir.join("other-log");
+    let st = Command::new(&lab.b)
+        .arg("record")
+        .arg("--log")
+        .arg(&other)
+        .args(["--", "date"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut p = lab.primary();
+    let c = lab
+        .hosts
+        .cmd(&lab.hosts.standby_ns, &lab.b)
+        .args(["standby", "--primary", "198.51.100.1:7600", "--log"])
+        .arg(&other)
+        .arg("--cert")
+        .arg(lab.dir.join("ks/node.crt"))
+        .arg("--key")
+        .arg(lab.dir.join("ks/node.key"))
+        .arg("--peer-cert")
+        .arg(lab.dir.join("kp/node.crt"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut s = Guard(Some(c));
+    let so = s.wait(20);
+    let err = String::from_utf8_lossy(&so.stderr);
+    assert_ne!(so.status.code(), Some(0));
+    assert!(
+        err.contains("different log"),
+        "the refusal names the problem: {err}"
+    );
+    let before = lines(&lab.a_file()).len();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(lines(&lab.a_file()).len() > before, "the primary serves on");
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(p.pid(), libc::SIGKILL) };
+    p.wait(10);
+}

@@ -116,10 +116,10 @@ async fn serve_primary(
     }
     let file = std::fs::File::open(&path)?;
     let sha = loop {
-        match EventCursor::open(dir, true) {
-            Ok(c) => break c.identity().exe_sha256,
-            Err(_) if !finished() => tokio::time::sleep(Duration::from_millis(5)).await,
-            Err(e) => return Err(e.into()),
+        match logfile::log_id(dir) {
+            Some(id) => break id,
+            None if !finished() => tokio::time::sleep(Duration::from_millis(5)).await,
+            None => bail!("the log in {} has no header", dir.display()),
         }
     };
     let mut session = Primary::new(cfg, epoch, sha);
@@ -244,9 +244,8 @@ async fn serve_one(
                     }
                     if let Err(e) = session.handle_message(msg, Instant::now()) {
                         eprintln!("hotstandby: refusing the standby: {e}");
-                        while let Some(t) = session.poll_transmit(Instant::now()) {
-                            let _ = send(conn, &mut stream, file, t).await;
-                        }
+                        // The reason travels in the close frame (code 2).
+                        conn.close(2u32.into(), e.to_string().as_bytes());
                         return Ok(Served::StandbyGone);
                     }
                 }
@@ -506,7 +505,13 @@ async fn follow(
     data_dir: &Option<PathBuf>,
     replayer: &mut Option<std::thread::JoinHandle<anyhow::Result<i32>>>,
 ) -> anyhow::Result<bool> {
-    let mut session = Standby::new(cfg, [0; 32], resume);
+    let mut session = Standby::new(
+        cfg,
+        logfile::log_id(log)
+            .filter(|_| resume > 0)
+            .unwrap_or([0; 32]),
+        resume,
+    );
     let mut backoff = Duration::from_millis(100);
     let mut last_heard: Option<Instant> = None;
     let mut written = resume;
@@ -645,6 +650,20 @@ async fn follow(
                     ),
                 );
                 last_status = now;
+            }
+            if let Some(quinn_closed) = conn.close_reason() {
+                let text = quinn_closed.to_string();
+                if let hotstandby_transport::ConnectionError::ApplicationClosed(ac) = &quinn_closed
+                {
+                    if u64::from(ac.error_code) == 2 {
+                        bail!(
+                            "the primary refused this standby: {}",
+                            String::from_utf8_lossy(&ac.reason)
+                        );
+                    }
+                }
+                let _ = text;
+                broken = true;
             }
             if broken || session.state() == StandbyState::Disconnected {
                 session.handle_disconnected();

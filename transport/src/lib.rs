@@ -25,7 +25,7 @@ pub use rustls::pki_types::CertificateDer;
 use rustls::pki_types::PrivateKeyDer;
 use thiserror::Error;
 
-pub use quinn::{Connection, Endpoint};
+pub use quinn::{Connection, ConnectionError, Endpoint};
 
 /// Errors of the transport.
 #[derive(Debug, Error)]
