@@ -755,6 +755,10 @@ impl Recorder {
                 self.pending_sigs.push_back((sig, info));
                 Ok(sys::cont(pid, 0)?)
             }
+            St::Exiting => {
+                self.th(pid).st = St::Exiting;
+                Ok(sys::cont(pid, 0)?)
+            }
             other => {
                 // A stopped thread cannot take a signal; keep it for later.
                 self.th(pid).st = other;
@@ -1055,6 +1059,9 @@ impl Recorder {
                 .map(|(k, _)| *k)
                 .collect();
             for m in members {
+                // The whole process is going: a syscall of another thread
+                // that completes now is never logged (its thread is killed).
+                self.th(m).st = St::Exiting;
                 self.runq.retain(|x| *x != m);
                 if self.tentative == Some(m) {
                     self.tentative = None;
