@@ -266,7 +266,17 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
     };
     let pid = tracee::spawn(log, bind.as_ref().map(|(a, b)| (a.as_path(), b.as_path())))?;
     let mut guard = KillGuard(pid, true);
-    let leader = src.get(0)?.map(|e| e.tid()).unwrap_or(pid as u32);
+    // The first event names the main thread by its recorded id; a log that
+    // is still arriving may not hold it yet.
+    let mut leader = src.get(0)?.map(|e| e.tid());
+    if let Some(feed) = &opts.live {
+        while leader.is_none() && !feed.lost.load(std::sync::atomic::Ordering::Relaxed) && src.trailer().is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            src.refresh()?;
+            leader = src.get(0)?.map(|e| e.tid());
+        }
+    }
+    let leader = leader.unwrap_or(pid as u32);
     let mut e = Engine {
         src,
         _p: std::marker::PhantomData,
