@@ -68,6 +68,8 @@ pub struct LiveFeed {
     pub lost: std::sync::atomic::AtomicBool,
     /// Events replayed so far.
     pub replayed: std::sync::atomic::AtomicU64,
+    /// Log bytes replayed so far (end of the last frame read).
+    pub position: std::sync::atomic::AtomicU64,
 }
 
 /// A program handed over to live execution at the end of its log.
@@ -270,7 +272,10 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
     // is still arriving may not hold it yet.
     let mut leader = src.get(0)?.map(|e| e.tid());
     if let Some(feed) = &opts.live {
-        while leader.is_none() && !feed.lost.load(std::sync::atomic::Ordering::Relaxed) && src.trailer().is_none() {
+        while leader.is_none()
+            && !feed.lost.load(std::sync::atomic::Ordering::Relaxed)
+            && src.trailer().is_none()
+        {
             std::thread::sleep(std::time::Duration::from_millis(1));
             src.refresh()?;
             leader = src.get(0)?.map(|e| e.tid());
@@ -435,6 +440,8 @@ impl Engine<'_> {
             if let Some(f) = &self.opts.live {
                 f.replayed
                     .store(self.idx as u64, std::sync::atomic::Ordering::Relaxed);
+                f.position
+                    .store(self.src.position(), std::sync::atomic::Ordering::Relaxed);
             }
             let ev = &ev;
             tracing::trace!(idx = self.idx, ?ev, "replay");

@@ -179,8 +179,14 @@ async fn serve_primary(
 
 fn primary_status(s: &Primary, conn: &str, peer: Option<SocketAddr>, t: &Throttle) -> String {
     let st = s.status(Instant::now());
+    let protection = match s.state() {
+        PrimaryState::Protected => "PROTECTED",
+        PrimaryState::CatchingUp => "standby catching up (not yet protected)",
+        PrimaryState::SteppedDown => "stepped down",
+        PrimaryState::Unprotected => "UNPROTECTED",
+    };
     format!(
-        "role:        primary (epoch {})\nstate:       {} ({})\npeer:        {}\nlag:         {} bytes not yet acknowledged\nlast heard:  {}\nthrottled:   {} ms in total\nlog:         {} bytes\n",
+        "role:        primary (epoch {})\nstate:       {} ({})\nprotection:  {protection}\nprogram:     running under the recorder\npeer:        {}\nlag:         {} bytes not yet acknowledged\nlast heard:  {}\nthrottled:   {} ms in total\nlog:         {} bytes\n",
         st.epoch,
         st.state,
         conn,
@@ -516,6 +522,8 @@ async fn follow(
     let mut last_heard: Option<Instant> = None;
     let mut written = resume;
     let mut last_status = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut catching_up = false;
     loop {
         if let Some(r) = replayer.as_ref() {
             if r.is_finished() {
@@ -638,13 +646,32 @@ async fn follow(
             }
             if now - last_status > Duration::from_millis(100) {
                 let st = session.status(now);
+                let behind = written.saturating_sub(feed.position.load(Relaxed));
+                // Progress of a standby catching up on a long log.
+                if replayer.is_some() && now - last_progress > Duration::from_secs(1) {
+                    if behind > 1 << 20 {
+                        let pct =
+                            100.0 * feed.position.load(Relaxed) as f64 / written.max(1) as f64;
+                        eprintln!(
+                            "hotstandby: catching up: {pct:5.1}% of {:.1} MB replayed ({} events)",
+                            written as f64 / 1e6,
+                            feed.replayed.load(Relaxed)
+                        );
+                        catching_up = true;
+                    } else if catching_up {
+                        eprintln!("hotstandby: caught up; following live");
+                        catching_up = false;
+                    }
+                    last_progress = now;
+                }
                 write_status(
                     log,
                     &format!(
-                        "role:        standby (following epoch {})\nstate:       {}\npeer:        {primary}\nlog:         {} bytes held\nreplayed:    {} events\nlast heard:  {}\n",
+                        "role:        standby (following epoch {})\nstate:       {}\npeer:        {primary}\nlog:         {} bytes held\nreplay lag:  {behind} bytes not yet replayed\nprogram:     {}\nreplayed:    {} events\nlast heard:  {}\n",
                         st.epoch,
                         st.state,
                         st.log_bytes,
+                        if replayer.is_some() { "replaying in lockstep" } else { "not started (waiting for the log header)" },
                         feed.replayed.load(Relaxed),
                         st.last_heard.map(|d| format!("{} ms ago", d.as_millis())).unwrap_or_else(|| "never".into()),
                     ),
