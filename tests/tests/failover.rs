@@ -619,3 +619,132 @@ fn a_log_directory_from_another_program_is_refused() {
     unsafe { libc::kill(p.pid(), libc::SIGKILL) };
     p.wait(10);
 }
+
+/// After a takeover the pair forms again with the roles swapped: a new
+/// standby on the old primary's host follows the new primary, and takes
+/// over in turn when that one dies.
+#[test]
+fn the_pair_forms_again_with_roles_swapped() {
+    let lab = Lab::new("w");
+    let mut p = lab.primary();
+    let (mut s1, f1, l1) = lab.standby("s1");
+    following(&lab, &l1, &f1);
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(p.pid(), libc::SIGKILL) };
+    p.wait(10);
+    wait_until("the standby to take over", 20, || {
+        status(&lab.b, &l1).contains("epoch 2")
+    });
+    // A new standby on host A, certificates swapped, its own empty data dir.
+    let data = lab.dir.join("s2-data");
+    std::fs::create_dir_all(&data).unwrap();
+    let l2 = lab.dir.join("s2-log");
+    let c = lab
+        .hosts
+        .cmd(&lab.hosts.primary_ns, &lab.b)
+        .args([
+            "standby",
+            "--primary",
+            "198.51.100.2:7600",
+            "--listen",
+            "198.51.100.1:7600",
+            "--log",
+        ])
+        .arg(&l2)
+        .arg("--cert")
+        .arg(lab.dir.join("kp/node.crt"))
+        .arg("--key")
+        .arg(lab.dir.join("kp/node.key"))
+        .arg("--peer-cert")
+        .arg(lab.dir.join("ks/node.crt"))
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut s2 = Guard(Some(c));
+    let f2 = data.join("counter.txt");
+    wait_until("the new standby to catch up and follow", 30, || {
+        status(&lab.b, &l2).contains("Following") && lines(&f2).len() + 50 > lines(&f1).len()
+    });
+    assert!(
+        status(&lab.b, &l1).contains("protection:  PROTECTED"),
+        "{}",
+        status(&lab.b, &l1)
+    );
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(s1.pid(), libc::SIGKILL) };
+    s1.wait(10);
+    let so = s2.wait(60);
+    assert_eq!(
+        so.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&so.stderr)
+    );
+    assert_counts(&lines(&f2), N, "second standby's file");
+}
+
+/// A standby whose log disk fills up stops with a message naming it; the
+/// primary goes on serving, unprotected.
+#[test]
+fn a_standby_with_a_full_disk_stops_and_the_primary_serves_on() {
+    let lab = Lab::new("f");
+    let small = lab.dir.join("small");
+    std::fs::create_dir(&small).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "hsbtest"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a small tmpfs (root)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(small.clone());
+    let mut p = lab.primary();
+    let c = lab
+        .hosts
+        .cmd(&lab.hosts.standby_ns, &lab.b)
+        .args(["standby", "--primary", "198.51.100.1:7600", "--log"])
+        .arg(small.join("log"))
+        .arg("--cert")
+        .arg(lab.dir.join("ks/node.crt"))
+        .arg("--key")
+        .arg(lab.dir.join("ks/node.key"))
+        .arg("--peer-cert")
+        .arg(lab.dir.join("kp/node.crt"))
+        .arg("--data-dir")
+        .arg(lab.dir.join("B"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::fs::create_dir_all(lab.dir.join("B")).unwrap();
+    let mut s = Guard(Some(c));
+    let so = s.wait(30);
+    let err = String::from_utf8_lossy(&so.stderr);
+    assert_ne!(so.status.code(), Some(0));
+    assert!(
+        err.contains("No space left on device") && err.contains("small/log"),
+        "{err}"
+    );
+    wait_until("the primary to notice", 10, || {
+        status(&lab.b, &lab.dir.join("lp")).contains("UNPROTECTED")
+    });
+    let before = lines(&lab.a_file()).len();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(lines(&lab.a_file()).len() > before, "the primary serves on");
+    let po = p.wait(60);
+    assert_eq!(
+        po.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&po.stderr)
+    );
+    assert_counts(&lines(&lab.a_file()), N, "primary's file");
+}
