@@ -208,3 +208,22 @@ fn redis_keeps_every_acknowledged_write_across_a_takeover() {
     let st = live.wait().unwrap();
     assert_eq!(st.code(), Some(0));
 }
+
+/// The README's first command: a complete failover on this machine.
+#[test]
+fn the_demo_fails_over() {
+    require_root();
+    let b = bin();
+    let o = Command::new(&b).arg("demo").output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("1000/1000 keys intact") && out.contains("demo ok"),
+        "{out}"
+    );
+}

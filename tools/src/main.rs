@@ -52,8 +52,9 @@ enum Cmd {
         #[arg(long)]
         go_live: bool,
     },
-    /// Record a real redis-server serving a client, replay it offline and
-    /// show that the replay took exactly the recorded path.
+    /// A complete failover on this machine: redis-server under `run`, a
+    /// standby following, a client writing, the primary killed, the standby
+    /// answering with every write.
     Demo,
     /// Write a node key (owner-only) and a self-signed certificate into DIR,
     /// for the mutual, pinned TLS between primary and standby.
