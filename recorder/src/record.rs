@@ -196,28 +196,15 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
     }
     let pid = tracee::spawn(&id, None)?;
     forward_signals(pid);
-    let mut r = Recorder {
-        log,
-        threads: BTreeMap::new(),
-        runq: VecDeque::new(),
-        current: None,
-        tentative: None,
-        pending_sigs: VecDeque::new(),
-        procs: HashMap::from([(
-            pid,
-            Proc {
-                fds: FdTable::inherit(pid),
-                sigact: [(0, 0); 65],
-            },
-        )]),
-        leader: pid,
-        exit_status: None,
-        early_stops: HashSet::new(),
-        warned: HashSet::new(),
-        last_run: Some(pid),
-        to_live: HashMap::new(),
-        to_rec: HashMap::new(),
-    };
+    let mut r = Recorder::new(log, pid);
+    r.procs.insert(
+        pid,
+        Proc {
+            fds: FdTable::inherit(pid),
+            sigact: [(0, 0); 65],
+        },
+    );
+    r.last_run = Some(pid);
     r.threads.insert(
         pid,
         Th {
@@ -282,22 +269,9 @@ pub struct Takeover {
 /// recording into `log` (the same log, continued). Blocks until it exits.
 pub fn continue_live(t: Takeover, log: LogWriter) -> Result<RecordOutcome, RecordError> {
     forward_signals(t.leader);
-    let mut r = Recorder {
-        log,
-        threads: BTreeMap::new(),
-        runq: VecDeque::new(),
-        current: None,
-        tentative: None,
-        pending_sigs: VecDeque::new(),
-        procs: HashMap::new(),
-        leader: t.leader,
-        exit_status: None,
-        early_stops: HashSet::new(),
-        warned: HashSet::new(),
-        last_run: None,
-        to_live: t.threads.iter().map(|th| (th.rec, th.live)).collect(),
-        to_rec: t.threads.iter().map(|th| (th.live, th.rec)).collect(),
-    };
+    let mut r = Recorder::new(log, t.leader);
+    r.to_live = t.threads.iter().map(|th| (th.rec, th.live)).collect();
+    r.to_rec = t.threads.iter().map(|th| (th.live, th.rec)).collect();
     for (tgid, sigact) in &t.sigact {
         r.procs.insert(
             *tgid,
@@ -434,6 +408,25 @@ fn status_pid(s: &WaitStatus) -> Option<i32> {
 }
 
 impl Recorder {
+    fn new(log: LogWriter, leader: i32) -> Self {
+        Recorder {
+            log,
+            threads: BTreeMap::new(),
+            runq: VecDeque::new(),
+            current: None,
+            tentative: None,
+            pending_sigs: VecDeque::new(),
+            procs: HashMap::new(),
+            leader,
+            exit_status: None,
+            early_stops: HashSet::new(),
+            warned: HashSet::new(),
+            last_run: None,
+            to_live: HashMap::new(),
+            to_rec: HashMap::new(),
+        }
+    }
+
     fn run(&mut self) -> Result<i32, RecordError> {
         loop {
             if self.threads.is_empty() {
