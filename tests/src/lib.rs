@@ -297,3 +297,89 @@ impl Drop for TwoHosts {
         }
     }
 }
+
+/// Three test hosts — primary, standby, client — on one bridge (inside a
+/// fourth "switch" namespace), addresses 198.51.100.1, .2 and .3/24, each
+/// host's interface named `eth0`. Removed on drop.
+#[derive(Debug)]
+pub struct Lan {
+    pub switch: String,
+    pub primary_ns: String,
+    pub standby_ns: String,
+    pub client_ns: String,
+}
+
+impl Lan {
+    pub fn new(tag: &str) -> Self {
+        require_root();
+        let id = format!("{}{}", tag, std::process::id() % 100_000);
+        let lan = Lan {
+            switch: format!("hsw-{id}"),
+            primary_ns: format!("hsp-{id}"),
+            standby_ns: format!("hss-{id}"),
+            client_ns: format!("hsc-{id}"),
+        };
+        for ns in [
+            &lan.switch,
+            &lan.primary_ns,
+            &lan.standby_ns,
+            &lan.client_ns,
+        ] {
+            ip(&["netns", "add", ns]);
+        }
+        ip(&["-n", &lan.switch, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &lan.switch, "link", "set", "br0", "up"]);
+        for (k, ns, addr) in [
+            ("p", &lan.primary_ns, "198.51.100.1/24"),
+            ("s", &lan.standby_ns, "198.51.100.2/24"),
+            ("c", &lan.client_ns, "198.51.100.3/24"),
+        ] {
+            let port = format!("b{k}{id}");
+            ip(&[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &lan.switch,
+            ]);
+            ip(&["-n", &lan.switch, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &lan.switch, "link", "set", &port, "up"]);
+            ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        lan
+    }
+
+    /// A command run inside a host's namespace.
+    pub fn cmd(&self, ns: &str, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(program);
+        c
+    }
+
+    /// Take a host's link down (its kernel sends nothing more).
+    pub fn unplug(&self, ns: &str) {
+        ip(&["-n", ns, "link", "set", "eth0", "down"]);
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in [
+            &self.primary_ns,
+            &self.standby_ns,
+            &self.client_ns,
+            &self.switch,
+        ] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

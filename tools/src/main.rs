@@ -132,7 +132,9 @@ struct NodeArgs {
     /// Unacknowledged log (MiB) above which the primary slows its program.
     #[arg(long, default_value_t = 64)]
     max_lag_mb: u64,
-    /// Virtual IP to move at takeover (network takeover: not available yet).
+    /// Virtual IP (ADDR/PREFIX) held by the primary and taken, with
+    /// gratuitous ARP, by the standby when it goes live. Clients' open TCP
+    /// connections are not carried over yet: they reconnect to it.
     #[arg(long)]
     vip: Option<String>,
     /// Interface for --vip.
@@ -141,10 +143,30 @@ struct NodeArgs {
 }
 
 impl NodeArgs {
-    fn split(self) -> anyhow::Result<(PathBuf, node::Tls, hotstandby_protocol::session::Config)> {
-        if self.vip.is_some() || self.dev.is_some() {
-            anyhow::bail!("--vip/--dev (moving a virtual IP and live TCP connections) is not implemented yet; run without them: the program continues on the standby's own addresses");
-        }
+    fn split(
+        self,
+    ) -> anyhow::Result<(
+        PathBuf,
+        node::Tls,
+        hotstandby_protocol::session::Config,
+        Option<node::Vip>,
+    )> {
+        let vip = match (self.vip, self.dev) {
+            (None, None) => None,
+            (Some(cidr), Some(dev)) => {
+                let ok = cidr
+                    .split_once('/')
+                    .map(|(a, p)| a.parse::<std::net::IpAddr>().is_ok() && p.parse::<u8>().is_ok())
+                    .unwrap_or(false);
+                if !ok {
+                    anyhow::bail!(
+                        "--vip must be ADDRESS/PREFIX, e.g. 198.51.100.10/24 (got {cidr})"
+                    );
+                }
+                Some(node::Vip { cidr, dev })
+            }
+            _ => anyhow::bail!("--vip and --dev go together"),
+        };
         if self.timeout_ms < 2 * self.heartbeat_ms {
             anyhow::bail!(
                 "--timeout-ms ({}) must be at least twice --heartbeat-ms ({})",
@@ -166,6 +188,7 @@ impl NodeArgs {
                 peer_cert: self.peer_cert,
             },
             cfg,
+            vip,
         ))
     }
 }
@@ -231,8 +254,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             data_dir,
             cmd,
         } => {
-            let (log, tls, cfg) = n.split()?;
-            node::run(listen, log, tls, cfg, data_dir, cmd)
+            let (log, tls, cfg, vip) = n.split()?;
+            node::run(listen, log, tls, cfg, data_dir, vip, cmd)
         }
         Cmd::Standby {
             primary,
@@ -240,8 +263,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             data_dir,
             listen,
         } => {
-            let (log, tls, cfg) = n.split()?;
-            node::standby(primary, log, tls, cfg, data_dir, listen)
+            let (log, tls, cfg, vip) = n.split()?;
+            node::standby(primary, log, tls, cfg, data_dir, listen, vip)
         }
         Cmd::Status { log } => node::status(&log),
         Cmd::Keygen { out, name } => {

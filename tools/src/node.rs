@@ -48,6 +48,65 @@ mod rustls_pki {
 }
 const STATUS: &str = "status";
 
+/// A virtual IP address that belongs to whichever node is primary.
+#[derive(Debug, Clone)]
+pub struct Vip {
+    /// `ADDR/PREFIX`.
+    pub cidr: String,
+    pub dev: String,
+}
+
+impl Vip {
+    fn ip(&self) -> &str {
+        self.cidr.split('/').next().unwrap_or(&self.cidr)
+    }
+
+    /// Hold the address (no-op when it is already here).
+    pub fn add(&self) -> anyhow::Result<()> {
+        let o = std::process::Command::new("ip")
+            .args(["addr", "add", &self.cidr, "dev", &self.dev])
+            .output()
+            .context("running ip (iproute2)")?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        if !o.status.success() && !err.contains("File exists") {
+            bail!(
+                "adding the virtual IP {} on {}: {}",
+                self.cidr,
+                self.dev,
+                err.trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Give the address up.
+    pub fn del(&self) {
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "del", &self.cidr, "dev", &self.dev])
+            .output();
+    }
+
+    /// Tell the network the address moved: unsolicited ARP replies, three,
+    /// a second apart, in the background (as keepalived does).
+    pub fn announce(&self) {
+        match std::process::Command::new("arping")
+            .args(["-q", "-U", "-c", "3", "-I", &self.dev, self.ip()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(_) => eprintln!(
+                "hotstandby: took the virtual IP {} on {} and announced it (gratuitous ARP)",
+                self.cidr, self.dev
+            ),
+            Err(e) => eprintln!(
+                "hotstandby: took the virtual IP {} but could not run arping to announce it: {e}",
+                self.cidr
+            ),
+        }
+    }
+}
+
 fn write_status(dir: &Path, text: &str) {
     let tmp = dir.join(".status.tmp");
     if std::fs::write(&tmp, text).is_ok() {
@@ -298,9 +357,14 @@ pub fn run(
     tls: Tls,
     cfg: Config,
     data_dir: Option<PathBuf>,
+    vip: Option<Vip>,
     cmd: Vec<String>,
 ) -> anyhow::Result<u8> {
     let (keys, peer) = tls.load()?;
+    if let Some(v) = &vip {
+        v.add()?;
+        eprintln!("hotstandby: holding the virtual IP {} on {}", v.cidr, v.dev);
+    }
     let rt = runtime()?;
     let ep = {
         let _g = rt.enter();
@@ -322,6 +386,9 @@ pub fn run(
             &log,
             "role:        primary, STEPPED DOWN (a newer primary took over)\n",
         );
+        if let Some(v) = &vip {
+            v.del();
+        }
         // Exiting kills the program: the recorder traces it with
         // PTRACE_O_EXITKILL.
         std::process::exit(EXIT_STEPPED_DOWN as i32);
@@ -329,6 +396,9 @@ pub fn run(
     let out = rec
         .join()
         .map_err(|_| anyhow::anyhow!("the recorder thread panicked"))??;
+    if let Some(v) = &vip {
+        v.del();
+    }
     Ok(out.exit_status.clamp(0, 255) as u8)
 }
 
@@ -361,6 +431,7 @@ pub fn standby(
     cfg: Config,
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    vip: Option<Vip>,
 ) -> anyhow::Result<u8> {
     use std::os::unix::fs::DirBuilderExt;
     let (keys, peer) = tls.load()?;
@@ -397,6 +468,7 @@ pub fn standby(
         &throttle,
         &data_dir,
         &mut replayer,
+        &vip,
     ))?;
     let Some(rep) = replayer else {
         bail!("the primary at {primary} was never reached with a log; nothing to take over");
@@ -510,7 +582,17 @@ async fn follow(
     throttle: &Arc<Throttle>,
     data_dir: &Option<PathBuf>,
     replayer: &mut Option<std::thread::JoinHandle<anyhow::Result<i32>>>,
+    vip: &Option<Vip>,
 ) -> anyhow::Result<bool> {
+    // Take the virtual IP before the program goes live, so sockets bound to
+    // it can be made real.
+    let take_vip = || -> anyhow::Result<()> {
+        if let Some(v) = vip {
+            v.add()?;
+            v.announce();
+        }
+        Ok(())
+    };
     let mut session = Standby::new(
         cfg,
         logfile::log_id(log)
@@ -542,6 +624,7 @@ async fn follow(
                                 "hotstandby: the primary at {primary} is gone (silent for {} ms)",
                                 t.elapsed().as_millis()
                             );
+                            take_vip()?;
                             feed.lost.store(true, Relaxed);
                             return Ok(true);
                         }
@@ -635,6 +718,7 @@ async fn follow(
                     "hotstandby: no heartbeat from the primary for {} ms: taking over",
                     cfg.timeout.as_millis()
                 );
+                take_vip()?;
                 feed.lost.store(true, Relaxed);
                 conn.close(0u32.into(), b"primary lost");
                 return Ok(true);
