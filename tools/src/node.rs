@@ -36,16 +36,13 @@ pub struct Tls {
 }
 
 impl Tls {
-    fn load(&self) -> anyhow::Result<(NodeKeys, rustls_pki::CertificateDer<'static>)> {
+    fn load(&self) -> anyhow::Result<(NodeKeys, hotstandby_transport::CertificateDer<'static>)> {
         let keys = transport::load_keys(&self.cert, &self.key)?;
         let peer = transport::load_cert(&self.peer_cert)?;
         Ok((keys, peer))
     }
 }
 
-mod rustls_pki {
-    pub use hotstandby_transport::CertificateDer;
-}
 const STATUS: &str = "status";
 
 /// A virtual IP address that belongs to whichever node is primary.
