@@ -45,6 +45,33 @@ impl Tls {
 
 const STATUS: &str = "status";
 
+/// How old the oldest byte not yet past a mark is: lag in milliseconds.
+#[derive(Debug, Default)]
+struct LagClock(std::collections::VecDeque<(u64, Instant)>);
+
+impl LagClock {
+    /// The log grew to `end` bytes at `now`.
+    fn grew(&mut self, end: u64, now: Instant) {
+        if self.0.back().map(|(e, _)| end > *e).unwrap_or(true) {
+            self.0.push_back((end, now));
+            if self.0.len() > 100_000 {
+                self.0.pop_front();
+            }
+        }
+    }
+
+    /// Milliseconds since the oldest byte beyond `mark` arrived.
+    fn ms(&mut self, mark: u64, now: Instant) -> u128 {
+        while self.0.front().map(|(e, _)| *e <= mark).unwrap_or(false) {
+            self.0.pop_front();
+        }
+        self.0
+            .front()
+            .map(|(_, t)| now.saturating_duration_since(*t).as_millis())
+            .unwrap_or(0)
+    }
+}
+
 /// A virtual IP address that belongs to whichever node is primary.
 #[derive(Debug, Clone)]
 pub struct Vip {
@@ -193,7 +220,7 @@ async fn serve_primary(
                 session.log_appended(file.metadata()?.len());
                 write_status(
                     dir,
-                    &primary_status(&session, "unprotected", None, &throttle),
+                    &primary_status(&session, "unprotected", None, &throttle, 0),
                 );
                 last_status = Instant::now();
             }
@@ -233,7 +260,13 @@ async fn serve_primary(
     }
 }
 
-fn primary_status(s: &Primary, conn: &str, peer: Option<SocketAddr>, t: &Throttle) -> String {
+fn primary_status(
+    s: &Primary,
+    conn: &str,
+    peer: Option<SocketAddr>,
+    t: &Throttle,
+    lag_ms: u128,
+) -> String {
     let st = s.status(Instant::now());
     let protection = match s.state() {
         PrimaryState::Protected => "PROTECTED",
@@ -242,7 +275,7 @@ fn primary_status(s: &Primary, conn: &str, peer: Option<SocketAddr>, t: &Throttl
         PrimaryState::Unprotected => "UNPROTECTED",
     };
     format!(
-        "role:        primary (epoch {})\nstate:       {} ({})\nprotection:  {protection}\nprogram:     running under the recorder\npeer:        {}\nlag:         {} bytes not yet acknowledged\nlast heard:  {}\nthrottled:   {} ms in total\nlog:         {} bytes\n",
+        "role:        primary (epoch {})\nstate:       {} ({})\nprotection:  {protection}\nprogram:     running under the recorder\npeer:        {}\nlag:         {} bytes not yet acknowledged (oldest {lag_ms} ms)\nlast heard:  {}\nthrottled:   {} ms in total\nlog:         {} bytes\n",
         st.epoch,
         st.state,
         conn,
@@ -291,9 +324,12 @@ async fn serve_one(
     throttle.active.store(true, Relaxed);
     let mut last_status = Instant::now();
     let mut finished_at: Option<Instant> = None;
+    let mut clock = LagClock::default();
     loop {
         let now = Instant::now();
-        session.log_appended(file.metadata()?.len());
+        let len = file.metadata()?.len();
+        clock.grew(len, now);
+        session.log_appended(len);
         while let Some(t) = session.poll_transmit(now) {
             send(conn, &mut stream, file, t).await?;
         }
@@ -340,7 +376,13 @@ async fn serve_one(
         if now - last_status > Duration::from_millis(100) {
             write_status(
                 dir,
-                &primary_status(session, "connected", Some(peer), throttle),
+                &primary_status(
+                    session,
+                    "connected",
+                    Some(peer),
+                    throttle,
+                    clock.ms(session.acked(), now),
+                ),
             );
             last_status = now;
         }
@@ -603,6 +645,7 @@ async fn follow(
     let mut last_status = Instant::now();
     let mut last_progress = Instant::now();
     let mut catching_up = false;
+    let mut clock = LagClock::default();
     loop {
         if let Some(r) = replayer.as_ref() {
             if r.is_finished() {
@@ -670,6 +713,7 @@ async fn follow(
                                 let bytes = bytes.expect("a log message");
                                 file.write_all_at(&bytes, off).with_context(|| format!("writing the standby's log in {}", log.display()))?;
                                 written = off + len as u64;
+                                clock.grew(written, Instant::now());
                                 session.handle_written(written);
                                 if replayer.is_none() {
                                     match EventCursor::open(log, true) {
@@ -748,10 +792,11 @@ async fn follow(
                 write_status(
                     log,
                     &format!(
-                        "role:        standby (following epoch {})\nstate:       {}\npeer:        {primary}\nlog:         {} bytes held\nreplay lag:  {behind} bytes not yet replayed\nprogram:     {}\nreplayed:    {} events\nlast heard:  {}\n",
+                        "role:        standby (following epoch {})\nstate:       {}\npeer:        {primary}\nlog:         {} bytes held\nreplay lag:  {behind} bytes not yet replayed (oldest {} ms)\nprogram:     {}\nreplayed:    {} events\nlast heard:  {}\n",
                         st.epoch,
                         st.state,
                         st.log_bytes,
+                        clock.ms(feed.position.load(Relaxed), now),
                         if replayer.is_some() { "replaying in lockstep" } else { "not started (waiting for the log header)" },
                         feed.replayed.load(Relaxed),
                         st.last_heard.map(|d| format!("{} ms ago", d.as_millis())).unwrap_or_else(|| "never".into()),
