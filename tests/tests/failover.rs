@@ -668,11 +668,10 @@ fn the_pair_forms_again_with_roles_swapped() {
     wait_until("the new standby to catch up and follow", 30, || {
         status(&lab.b, &l2).contains("Following") && lines(&f2).len() + 50 > lines(&f1).len()
     });
-    assert!(
-        status(&lab.b, &l1).contains("protection:  PROTECTED"),
-        "{}",
-        status(&lab.b, &l1)
-    );
+    // The new primary's status file is rewritten every 100 ms.
+    wait_until("the new primary to report itself protected", 10, || {
+        status(&lab.b, &l1).contains("protection:  PROTECTED")
+    });
     // SAFETY: plain integers; the pid is our child's.
     unsafe { libc::kill(s1.pid(), libc::SIGKILL) };
     s1.wait(10);
