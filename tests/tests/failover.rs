@@ -205,7 +205,9 @@ fn kill_9_of_the_primary_supervisor() {
     let mut p = lab.primary();
     let (mut s, sfile, slog) = lab.standby("s1");
     following(&lab, &slog, &sfile);
-    assert!(status(&lab.b, &lab.dir.join("lp")).contains("Protected"));
+    wait_until("the primary to report itself protected", 10, || {
+        status(&lab.b, &lab.dir.join("lp")).contains("protection:  PROTECTED")
+    });
     // SAFETY: plain integers; the pid is our child's.
     unsafe { libc::kill(p.pid(), libc::SIGKILL) };
     let po = p.wait(10);
