@@ -7,24 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-20}
-cargo build --release -q -p hotstandby
-H=$PWD/target/release/hotstandby
-W=$(mktemp -d /tmp/hotstandby-fobench.XXXXXX)
-NP=hsb-bp$$; NS=hsb-bs$$
-cleanup() {
-    for p in ${PIDS:-}; do kill -9 "$p" 2>/dev/null || true; done
-    ip netns del "$NP" 2>/dev/null || true; ip netns del "$NS" 2>/dev/null || true
-    rm -rf "$W"
-}
-trap cleanup EXIT
-ip netns add "$NP"; ip netns add "$NS"
-ip link add vbp$$ netns "$NP" type veth peer name vbs$$ netns "$NS"
-ip -n "$NP" addr add 198.51.100.1/24 dev vbp$$; ip -n "$NS" addr add 198.51.100.2/24 dev vbs$$
-for n in "$NP" "$NS"; do ip -n "$n" link set lo up; done
-ip -n "$NP" link set vbp$$ up; ip -n "$NS" link set vbs$$ up
-"$H" keygen --out "$W/kp" >/dev/null; "$H" keygen --out "$W/ks" >/dev/null
+. benches/twohosts.sh
 gcc -O2 -o "$W/counter" tests/programs/counter.c
-now() { date +%s%N; }
 maxnum() { tail -n 1 "$1" 2>/dev/null || echo 0; }
 times=()
 for r in $(seq 1 "$ROUNDS"); do

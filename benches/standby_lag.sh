@@ -7,22 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQ=${1:-50000}
-cargo build --release -q -p hotstandby
-H=$PWD/target/release/hotstandby
-W=$(mktemp -d /tmp/hotstandby-lagbench.XXXXXX)
-NP=hsb-lp$$; NS=hsb-ls$$
-cleanup() {
-    for p in ${PIDS:-}; do kill -9 "$p" 2>/dev/null || true; done
-    ip netns del "$NP" 2>/dev/null || true; ip netns del "$NS" 2>/dev/null || true
-    rm -rf "$W"
-}
-trap cleanup EXIT
-ip netns add "$NP"; ip netns add "$NS"
-ip link add vlp$$ netns "$NP" type veth peer name vls$$ netns "$NS"
-ip -n "$NP" addr add 198.51.100.1/24 dev vlp$$; ip -n "$NS" addr add 198.51.100.2/24 dev vls$$
-for n in "$NP" "$NS"; do ip -n "$n" link set lo up; done
-ip -n "$NP" link set vlp$$ up; ip -n "$NS" link set vls$$ up
-"$H" keygen --out "$W/kp" >/dev/null; "$H" keygen --out "$W/ks" >/dev/null
+. benches/twohosts.sh
 mkdir -p "$W/A" "$W/B"
 bench() { ip netns exec "$NP" redis-benchmark -h 198.51.100.1 -p 6390 -c 10 -n "$REQ" -t set,get -q 2>/dev/null | tr '\r' '\n' | awk '/^SET:/ {s=$2} /^GET:/ {g=$2} END {print s, g}'; }
 up() { for _ in $(seq 1 400); do ip netns exec "$NP" redis-cli -h 198.51.100.1 -p 6390 ping >/dev/null 2>&1 && return 0; sleep 0.025; done; return 1; }

@@ -251,6 +251,20 @@ pub fn log_id(dir: &Path) -> Option<[u8; 32]> {
     Some(Sha256::digest(f.payload).into())
 }
 
+/// Map a log stream file. The one place logs are memory-mapped.
+fn map_log(f: &File, path: &Path) -> Result<Mmap, LogError> {
+    // A log file is only ever appended to (never truncated or rewritten in
+    // place, except by `LogWriter::resume`, which runs when no reader of
+    // that file is alive), so the mapped prefix stays valid; every frame is
+    // checksummed and validated before use.
+    // SAFETY: see above: the mapped bytes do not change under the reader.
+    let map = unsafe { Mmap::map(f) };
+    map.map_err(|source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// Nanoseconds since the Unix epoch.
 pub fn now_unix_ns() -> u64 {
     std::time::SystemTime::now()
@@ -284,13 +298,7 @@ impl LogReader {
         let map = if len == 0 {
             None
         } else {
-            // SAFETY: the file is only ever appended to (never truncated or
-            // rewritten in place) by a LogWriter, so the mapped prefix stays
-            // valid; every frame is checksummed and validated before use.
-            Some(unsafe { Mmap::map(&f) }.map_err(|source| LogError::Io {
-                path: path.clone(),
-                source,
-            })?)
+            Some(map_log(&f, &path)?)
         };
         Ok(Self { path, map })
     }
@@ -478,15 +486,7 @@ impl EventCursor {
         if len == self.bytes().len() {
             return Ok(false);
         }
-        // SAFETY: the log file is only ever appended to by a LogWriter
-        // (never truncated or rewritten in place), so the mapped prefix
-        // stays valid; every frame is checksummed and validated before use.
-        self.map = Some(
-            unsafe { Mmap::map(&self.file) }.map_err(|source| LogError::Io {
-                path: self.path.clone(),
-                source,
-            })?,
-        );
+        self.map = Some(map_log(&self.file, &self.path)?);
         Ok(true)
     }
 

@@ -105,10 +105,9 @@ pub fn set_siginfo(tid: i32, raw: &[u8]) -> Result<(), SysError> {
     let mut buf = [0u8; 128];
     let n = raw.len().min(128);
     buf[..n].copy_from_slice(&raw[..n]);
-    // SAFETY: any 128 bytes are a valid siginfo_t bit pattern (integers and
-    // unions of integers); the buffer is exactly that size.
-    let si: libc::siginfo_t =
-        unsafe { std::ptr::read_unaligned(buf.as_ptr() as *const libc::siginfo_t) };
+    let ptr = buf.as_ptr() as *const libc::siginfo_t;
+    // SAFETY: any 128 bytes are a valid siginfo_t (integers and unions of them); buf is that size.
+    let si: libc::siginfo_t = unsafe { std::ptr::read_unaligned(ptr) };
     ptrace::setsiginfo(Pid::from_raw(tid), &si).map_err(|e| os("PTRACE_SETSIGINFO", tid, e))
 }
 
@@ -265,9 +264,10 @@ pub fn fork_tracee(setup: &ChildSetup) -> Result<i32, SysError> {
         len: setup.filter.len() as u16,
         filter: setup.filter.as_ptr() as *mut libc::sock_filter,
     };
-    // SAFETY: fork in a process whose other threads (if any) hold no locks the
-    // child needs: after fork the child only makes raw syscalls on memory
-    // prepared above and then execs or exits with _exit.
+    // Other threads of this process (if any) hold no lock the child needs:
+    // after fork the child only makes raw syscalls on memory prepared above
+    // and then execs or exits with _exit.
+    // SAFETY: see above: the child touches nothing another thread may hold.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(os("fork", 0, nix::Error::last()));

@@ -227,3 +227,51 @@ fn the_demo_fails_over() {
         "{out}"
     );
 }
+
+/// Negative control for the no-gap/no-repetition check: going live over a
+/// data directory that still holds the dead run's output (instead of the
+/// starting state a standby has) repeats numbers, and the check says so.
+#[test]
+fn the_counter_check_catches_a_takeover_over_the_wrong_files() {
+    let b = bin();
+    let s = Scratch::new("takeover-negative");
+    let prog = build_c("counter", s.path());
+    let data = s.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let log = s.join("log");
+    let file = data.join("counter.txt");
+    let n = 400;
+    let mut rec = Command::new(&b)
+        .arg("record")
+        .arg("--log")
+        .arg(&log)
+        .arg("--")
+        .arg(&prog)
+        .args([&n.to_string(), "1500"])
+        .current_dir(&data)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_lines(&file, 100);
+    rec.kill().unwrap();
+    rec.wait().unwrap();
+    // counter.txt is NOT reset: replay appends the recorded numbers again.
+    let live = Command::new(&b)
+        .args(["replay", "--go-live", "--log"])
+        .arg(&log)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        live.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&live.stderr)
+    );
+    let v = lines(&file);
+    assert!(v.len() as i64 > n, "numbers were repeated");
+    assert!(
+        std::panic::catch_unwind(|| assert_counts(&v, n)).is_err(),
+        "the check must reject repeated numbers"
+    );
+}
