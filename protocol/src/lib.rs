@@ -12,4 +12,4 @@ pub mod sysmodel;
 pub mod wire;
 
 pub use frame::{FrameError, FrameReader, FILE_HEADER_LEN, MAGIC, VERSION};
-pub use record::{Event, Identity, MemWrite, Mode, Record, SyscallEvent, Trailer};
+pub use record::{Event, Identity, MemWrite, Mode, Record, SyscallEvent, TcpConn, Trailer};

@@ -85,6 +85,34 @@ pub struct SyscallEvent {
     pub path: Vec<u8>,
 }
 
+/// A TCP connection the program accepted, as the primary's kernel set it
+/// up: what a standby needs to rebuild it in place with TCP_REPAIR. Logged
+/// right after the accept that returned `fd`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct TcpConn {
+    pub tid: u32,
+    pub fd: i32,
+    /// sockaddr bytes of the local and the remote end.
+    pub local: Vec<u8>,
+    pub remote: Vec<u8>,
+    /// Sequence number of the first byte the program writes / reads.
+    pub snd_base: u32,
+    pub rcv_base: u32,
+    /// Negotiated options: MSS, window scales, `TCPI_OPT_*` bits.
+    pub mss: u32,
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    pub options: u8,
+    /// Send and receive windows at accept.
+    pub snd_wnd: u32,
+    pub rcv_wnd: u32,
+    /// The connection's TCP timestamp clock (ms) and the wall clock (ms
+    /// since the epoch) when it was read.
+    pub tsval: u32,
+    pub wall_ms: u64,
+}
+
 /// One scheduling decision or observation of the supervisor.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -125,6 +153,8 @@ pub enum Event {
     },
     /// A thread (or with `group`, the whole process) exits with `code`.
     Exit { tid: u32, code: i32, group: bool },
+    /// The TCP parameters of a connection just accepted.
+    Tcp(TcpConn),
 }
 
 impl Event {
@@ -139,6 +169,7 @@ impl Event {
             | Event::Fault { tid, .. }
             | Event::Rdtsc { tid, .. }
             | Event::Exit { tid, .. } => *tid,
+            Event::Tcp(c) => c.tid,
         }
     }
 
@@ -153,6 +184,7 @@ impl Event {
             Event::Fault { .. } => "fault",
             Event::Rdtsc { .. } => "rdtsc",
             Event::Exit { .. } => "exit",
+            Event::Tcp(_) => "tcp",
         }
     }
 }
@@ -169,6 +201,7 @@ impl ArchivedEvent {
             | ArchivedEvent::Fault { tid, .. }
             | ArchivedEvent::Rdtsc { tid, .. }
             | ArchivedEvent::Exit { tid, .. } => tid.to_native(),
+            ArchivedEvent::Tcp(c) => c.tid.to_native(),
         }
     }
 }

@@ -189,6 +189,34 @@ pub fn event_line(i: usize, e: &Event) -> String {
                 if *group { "exit_group" } else { "exit" }
             )
         }
+        Event::Tcp(c) => format!(
+            "#{i} [{}] tcp fd {} {} <- {} snd_base {} rcv_base {} mss {} wscale {}/{} opts {:#x} ts {}",
+            c.tid,
+            c.fd,
+            sockaddr_str(&c.local),
+            sockaddr_str(&c.remote),
+            c.snd_base,
+            c.rcv_base,
+            c.mss,
+            c.snd_wscale,
+            c.rcv_wscale,
+            c.options,
+            c.tsval
+        ),
+    }
+}
+
+/// `a.b.c.d:port` (or `[v6]:port`) from sockaddr bytes.
+pub fn sockaddr_str(b: &[u8]) -> String {
+    if b.len() >= 8 && u16::from_le_bytes([b[0], b[1]]) == libc::AF_INET as u16 {
+        let port = u16::from_be_bytes([b[2], b[3]]);
+        format!("{}.{}.{}.{}:{port}", b[4], b[5], b[6], b[7])
+    } else if b.len() >= 24 && u16::from_le_bytes([b[0], b[1]]) == libc::AF_INET6 as u16 {
+        let port = u16::from_be_bytes([b[2], b[3]]);
+        let a: [u8; 16] = b[8..24].try_into().expect("16 bytes");
+        format!("[{}]:{port}", std::net::Ipv6Addr::from(a))
+    } else {
+        format!("<{} address bytes>", b.len())
     }
 }
 
