@@ -44,7 +44,8 @@ fn v4(sa: &[u8]) -> Option<(u32, u16)> {
     if fam == libc::AF_INET {
         return Some((u32::from_be_bytes(sa[4..8].try_into().ok()?), port));
     }
-    if fam == libc::AF_INET6 && sa.len() >= 24 && sa[8..18] == [0; 10] && sa[18..20] == [0xff, 0xff] {
+    if fam == libc::AF_INET6 && sa.len() >= 24 && sa[8..18] == [0; 10] && sa[18..20] == [0xff, 0xff]
+    {
         return Some((u32::from_be_bytes(sa[20..24].try_into().ok()?), port));
     }
     None
@@ -203,7 +204,13 @@ impl Gate {
         if self.want.load(Ordering::Acquire) {
             let one = 1u64;
             // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-            unsafe { libc::write(self.wake.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+            unsafe {
+                libc::write(
+                    self.wake.as_raw_fd(),
+                    &one as *const u64 as *const libc::c_void,
+                    8,
+                )
+            };
         }
     }
 
@@ -306,7 +313,11 @@ impl Gate {
         let s = self.lock();
         let mut v: Vec<u32> = s.hold_us.iter().copied().collect();
         v.sort_unstable();
-        let q = |f: f64| v.get(((v.len() as f64 - 1.0) * f) as usize).copied().unwrap_or(0);
+        let q = |f: f64| {
+            v.get(((v.len() as f64 - 1.0) * f) as usize)
+                .copied()
+                .unwrap_or(0)
+        };
         (s.released, q(0.5), q(0.99))
     }
 
@@ -339,7 +350,13 @@ impl Gate {
             if fds[1].revents != 0 {
                 let mut v = 0u64;
                 // SAFETY: reads 8 bytes into a live u64 from our eventfd.
-                unsafe { libc::read(self.wake.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+                unsafe {
+                    libc::read(
+                        self.wake.as_raw_fd(),
+                        &mut v as *mut u64 as *mut libc::c_void,
+                        8,
+                    )
+                };
             }
             fresh.clear();
             q.recv(&mut fresh)?;
@@ -373,7 +390,9 @@ impl Gate {
                             if s.hold_us.len() >= 4096 {
                                 s.hold_us.pop_front();
                             }
-                            s.hold_us.push_back(now.duration_since(at).as_micros().min(u32::MAX as u128) as u32);
+                            s.hold_us.push_back(
+                                now.duration_since(at).as_micros().min(u32::MAX as u128) as u32,
+                            );
                         }
                         None => keep.push_back((p, t, at)),
                     }

@@ -193,7 +193,14 @@ impl Queue {
 
     fn send(&self, b: &[u8]) -> Result<(), NetError> {
         // SAFETY: b is a live buffer of the given length.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), b.as_ptr() as *const libc::c_void, b.len(), 0) };
+        let n = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                b.as_ptr() as *const libc::c_void,
+                b.len(),
+                0,
+            )
+        };
         if n < 0 {
             return Err(os("netlink send"));
         }
@@ -235,7 +242,10 @@ impl Queue {
                     // The kernel dropped packets it could not hand us
                     // (they are lost, as on a congested link): go on.
                     Some(libc::ENOBUFS) => {
-                        tracing::warn!("NFQUEUE {}: receive buffer overrun, packets dropped", self.num);
+                        tracing::warn!(
+                            "NFQUEUE {}: receive buffer overrun, packets dropped",
+                            self.num
+                        );
                         continue;
                     }
                     _ => {

@@ -50,7 +50,13 @@ struct RepairOpt {
     val: u32,
 }
 
-fn set<T>(fd: BorrowedFd<'_>, level: i32, name: i32, v: &T, step: &'static str) -> Result<(), NetError> {
+fn set<T>(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    v: &T,
+    step: &'static str,
+) -> Result<(), NetError> {
     // SAFETY: v is a live, initialised value of exactly the given size.
     let r = unsafe {
         libc::setsockopt(
@@ -67,7 +73,13 @@ fn set<T>(fd: BorrowedFd<'_>, level: i32, name: i32, v: &T, step: &'static str) 
     Ok(())
 }
 
-fn set_slice<T>(fd: BorrowedFd<'_>, level: i32, name: i32, v: &[T], step: &'static str) -> Result<(), NetError> {
+fn set_slice<T>(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    v: &[T],
+    step: &'static str,
+) -> Result<(), NetError> {
     // SAFETY: v is a live slice; the length passed is its size in bytes.
     let r = unsafe {
         libc::setsockopt(
@@ -84,7 +96,12 @@ fn set_slice<T>(fd: BorrowedFd<'_>, level: i32, name: i32, v: &[T], step: &'stat
     Ok(())
 }
 
-fn get<T: Default>(fd: BorrowedFd<'_>, level: i32, name: i32, step: &'static str) -> Result<T, NetError> {
+fn get<T: Default>(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    step: &'static str,
+) -> Result<T, NetError> {
     let mut v = T::default();
     let mut len = std::mem::size_of::<T>() as u32;
     // SAFETY: v is a writable value of `len` bytes; the kernel writes at
@@ -119,15 +136,29 @@ fn sockaddr(fd: BorrowedFd<'_>, peer: bool) -> Result<Vec<u8>, NetError> {
     // SAFETY: buf is 128 writable bytes, len says so; the kernel truncates.
     let r = unsafe {
         if peer {
-            libc::getpeername(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::sockaddr, &mut len)
+            libc::getpeername(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::sockaddr,
+                &mut len,
+            )
         } else {
-            libc::getsockname(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::sockaddr, &mut len)
+            libc::getsockname(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::sockaddr,
+                &mut len,
+            )
         }
     };
     if r != 0 {
         return Err(os(if peer { "getpeername" } else { "getsockname" }));
     }
     Ok(buf[..(len as usize).min(128)].to_vec())
+}
+
+/// The local port of an IPv4 or IPv6 socket.
+pub fn local_port(fd: BorrowedFd<'_>) -> Option<u16> {
+    let a = sockaddr(fd, false).ok()?;
+    (a.len() >= 4).then(|| u16::from_be_bytes([a[2], a[3]]))
 }
 
 /// Whether `fd` is a connected TCP socket (IPv4 or IPv6).
@@ -154,11 +185,29 @@ pub fn capture(fd: BorrowedFd<'_>, tid: u32, prog_fd: i32) -> Result<TcpConn, Ne
     let local = sockaddr(fd, false)?;
     let remote = sockaddr(fd, true)?;
     let mss: i32 = get(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")?;
-    set(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_ON, "TCP_REPAIR on")?;
+    set(
+        fd,
+        libc::IPPROTO_TCP,
+        TCP_REPAIR,
+        &TCP_REPAIR_ON,
+        "TCP_REPAIR on",
+    )?;
     let r = (|| {
-        set(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, &TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE")?;
+        set(
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_REPAIR_QUEUE,
+            &TCP_SEND_QUEUE,
+            "TCP_REPAIR_QUEUE",
+        )?;
         let snd: u32 = get(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ (send)")?;
-        set(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, &TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE")?;
+        set(
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_REPAIR_QUEUE,
+            &TCP_RECV_QUEUE,
+            "TCP_REPAIR_QUEUE",
+        )?;
         // rcv_nxt counts bytes that arrived but were not read yet: the
         // program reads from rcv_nxt - (bytes queued). Read until stable.
         let mut rcv_base = 0;
@@ -172,11 +221,22 @@ pub fn capture(fd: BorrowedFd<'_>, tid: u32, prog_fd: i32) -> Result<TcpConn, Ne
                 break;
             }
         }
-        let w: RepairWindow = get(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, "TCP_REPAIR_WINDOW")?;
+        let w: RepairWindow = get(
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_REPAIR_WINDOW,
+            "TCP_REPAIR_WINDOW",
+        )?;
         let ts: u32 = get(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, "TCP_TIMESTAMP")?;
         Ok::<_, NetError>((snd, rcv_base, w, ts))
     })();
-    let off = set(fd, libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP, "TCP_REPAIR off");
+    let off = set(
+        fd,
+        libc::IPPROTO_TCP,
+        TCP_REPAIR,
+        &TCP_REPAIR_OFF_NO_WP,
+        "TCP_REPAIR off",
+    );
     let (snd, rcv_base, w, ts) = r?;
     off?;
     Ok(TcpConn {
@@ -228,7 +288,9 @@ pub fn tcp_info(fd: BorrowedFd<'_>) -> Result<Info, NetError> {
         return Err(os("TCP_INFO"));
     }
     if len < 136 {
-        return Err(NetError::Invalid(format!("TCP_INFO returned only {len} bytes")));
+        return Err(NetError::Invalid(format!(
+            "TCP_INFO returned only {len} bytes"
+        )));
     }
     let u64at = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().expect("8 bytes"));
     Ok(Info {
@@ -267,23 +329,56 @@ pub fn rebuild(fd: BorrowedFd<'_>, c: &TcpConn, p: Progress<'_>) -> Result<(), N
     let rcv = c.rcv_base.wrapping_add(p.read as u32);
     let ip = libc::IPPROTO_TCP;
     set(fd, ip, TCP_REPAIR, &TCP_REPAIR_ON, "TCP_REPAIR on")?;
-    set(fd, ip, TCP_REPAIR_QUEUE, &TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE send")?;
+    set(
+        fd,
+        ip,
+        TCP_REPAIR_QUEUE,
+        &TCP_SEND_QUEUE,
+        "TCP_REPAIR_QUEUE send",
+    )?;
     set(fd, ip, TCP_QUEUE_SEQ, &snd, "TCP_QUEUE_SEQ send")?;
-    set(fd, ip, TCP_REPAIR_QUEUE, &TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE recv")?;
+    set(
+        fd,
+        ip,
+        TCP_REPAIR_QUEUE,
+        &TCP_RECV_QUEUE,
+        "TCP_REPAIR_QUEUE recv",
+    )?;
     set(fd, ip, TCP_QUEUE_SEQ, &rcv, "TCP_QUEUE_SEQ recv")?;
-    let one: i32 = 1;
-    if u16::from_le_bytes([c.local[0], c.local[1]]) == libc::AF_INET as u16 {
-        set(fd, libc::IPPROTO_IP, libc::IP_FREEBIND, &one, "IP_FREEBIND")?;
-    }
+    // The local address (the virtual IP) is not on this host yet: it moves
+    // here once every connection is ready. IP_TRANSPARENT lets the socket
+    // bind and route from it meanwhile; it is cleared again below.
+    let v4 = u16::from_le_bytes([c.local[0], c.local[1]]) == libc::AF_INET as u16;
+    let (lvl, opt) = if v4 {
+        (libc::IPPROTO_IP, libc::IP_TRANSPARENT)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT)
+    };
+    set(fd, lvl, opt, &1i32, "IP_TRANSPARENT")?;
     // SAFETY: c.local holds sockaddr bytes of the given length.
-    if unsafe { libc::bind(fd.as_raw_fd(), c.local.as_ptr() as *const libc::sockaddr, c.local.len() as u32) } != 0 {
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            c.local.as_ptr() as *const libc::sockaddr,
+            c.local.len() as u32,
+        )
+    } != 0
+    {
         return Err(os("bind (repair)"));
     }
     // SAFETY: c.remote holds sockaddr bytes of the given length. In repair
     // mode connect sends nothing and makes the socket established.
-    if unsafe { libc::connect(fd.as_raw_fd(), c.remote.as_ptr() as *const libc::sockaddr, c.remote.len() as u32) } != 0 {
+    if unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            c.remote.as_ptr() as *const libc::sockaddr,
+            c.remote.len() as u32,
+        )
+    } != 0
+    {
         return Err(os("connect (repair)"));
     }
+    set(fd, lvl, opt, &0i32, "IP_TRANSPARENT off")?;
     let mut opts = vec![RepairOpt {
         code: TCPOPT_MSS,
         val: c.mss,
@@ -372,9 +467,38 @@ fn send_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> Result<(), NetError> {
 /// sends neither FIN nor RST. Used to retire a primary's socket in tests.
 pub fn close_silently(fd: std::os::fd::OwnedFd) -> Result<(), NetError> {
     use std::os::fd::AsFd;
-    set(fd.as_fd(), libc::IPPROTO_TCP, TCP_REPAIR, &TCP_REPAIR_ON, "TCP_REPAIR on")?;
+    set(
+        fd.as_fd(),
+        libc::IPPROTO_TCP,
+        TCP_REPAIR,
+        &TCP_REPAIR_ON,
+        "TCP_REPAIR on",
+    )?;
     drop(fd);
     Ok(())
+}
+
+/// A syscall's bytes on a connection fd: `(fd, wrote, bytes)`, counted the
+/// same way by the recorder (for the output rule) and by the replayer (to
+/// rebuild the connection). Peeking reads move nothing.
+pub fn conn_io(nr: u32, args: &[u64; 6], ret: i64) -> Option<(i32, bool, u64)> {
+    if ret <= 0 {
+        return None;
+    }
+    let fd = args[0] as i32;
+    let peek = |flags: u64| flags & libc::MSG_PEEK as u64 != 0;
+    let wrote = match nr as i64 {
+        libc::SYS_read | libc::SYS_readv => false,
+        libc::SYS_recvfrom if !peek(args[3]) => false,
+        libc::SYS_recvmsg if !peek(args[2]) => false,
+        libc::SYS_write
+        | libc::SYS_writev
+        | libc::SYS_sendto
+        | libc::SYS_sendmsg
+        | libc::SYS_sendfile => true,
+        _ => return None,
+    };
+    Some((fd, wrote, ret as u64))
 }
 
 #[cfg(test)]

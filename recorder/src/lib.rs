@@ -13,6 +13,6 @@ pub mod sys;
 pub mod tracee;
 
 pub use record::{
-    continue_live, record, RecordError, RecordOptions, RecordOutcome, Takeover, TakeoverState,
-    TakeoverThread,
+    continue_live, record, ConnTrack, RecordError, RecordOptions, RecordOutcome, Takeover,
+    TakeoverState, TakeoverThread,
 };

@@ -13,7 +13,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
-use hotstandby_protocol::record::{Event, Identity, MemWrite, Mode, SyscallEvent};
+use hotstandby_netguard::gate::{key_of, Gate, Key};
+use hotstandby_netguard::tcp;
+use hotstandby_protocol::record::{Event, Identity, MemWrite, Mode, SyscallEvent, TcpConn};
 use hotstandby_protocol::sysmodel::{self, Class, Out, Spec};
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -56,6 +58,8 @@ pub struct RecordOptions {
     pub data_dir: Option<PathBuf>,
     /// Backpressure from a replication driver (`hotstandby run`).
     pub throttle: Option<std::sync::Arc<crate::logfile::Throttle>>,
+    /// The output rule, told what the program does on its connections.
+    pub gate: Option<std::sync::Arc<hotstandby_netguard::gate::Gate>>,
 }
 
 /// The result of a recording.
@@ -164,6 +168,19 @@ struct Recorder {
     /// in a recording that started here.
     to_live: HashMap<u32, i32>,
     to_rec: HashMap<i32, u32>,
+    /// The output rule, if any.
+    gate: Option<std::sync::Arc<Gate>>,
+    /// The program's TCP connections by (tgid, fd).
+    conns: HashMap<(i32, i32), ConnTrack>,
+}
+
+/// What the supervisor knows of one of the program's TCP connections.
+#[derive(Debug, Clone)]
+pub struct ConnTrack {
+    pub key: Option<Key>,
+    pub conn: TcpConn,
+    pub written: u64,
+    pub read: u64,
 }
 
 /// Record a program into `opts.log_dir`. Blocks until it exits.
@@ -197,6 +214,7 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
     let pid = tracee::spawn(&id, None)?;
     forward_signals(pid);
     let mut r = Recorder::new(log, pid);
+    r.gate = opts.gate.clone();
     r.procs.insert(
         pid,
         Proc {
@@ -263,13 +281,26 @@ pub struct Takeover {
     pub threads: Vec<TakeoverThread>,
     /// Per live tgid: signal dispositions (handler, flags) tracked by replay.
     pub sigact: Vec<(i32, [(u64, u64); 65])>,
+    /// The program's TCP connections, rebuilt or not, by (live tgid, fd).
+    pub conns: Vec<((i32, i32), ConnTrack)>,
 }
 
 /// Let a replayed program continue for real from where its log ends,
 /// recording into `log` (the same log, continued). Blocks until it exits.
-pub fn continue_live(t: Takeover, log: LogWriter) -> Result<RecordOutcome, RecordError> {
+pub fn continue_live(
+    t: Takeover,
+    log: LogWriter,
+    gate: Option<std::sync::Arc<Gate>>,
+) -> Result<RecordOutcome, RecordError> {
     forward_signals(t.leader);
     let mut r = Recorder::new(log, t.leader);
+    for (k, c) in &t.conns {
+        if let (Some(g), Some(key)) = (&gate, c.key) {
+            g.adopt(key, c.conn.snd_base, c.conn.rcv_base, c.written, c.read);
+        }
+        r.conns.insert(*k, c.clone());
+    }
+    r.gate = gate;
     r.to_live = t.threads.iter().map(|th| (th.rec, th.live)).collect();
     r.to_rec = t.threads.iter().map(|th| (th.live, th.rec)).collect();
     for (tgid, sigact) in &t.sigact {
@@ -424,6 +455,8 @@ impl Recorder {
             last_run: None,
             to_live: HashMap::new(),
             to_rec: HashMap::new(),
+            gate: None,
+            conns: HashMap::new(),
         }
     }
 
@@ -1043,6 +1076,19 @@ impl Recorder {
         })?;
         self.th(pid).st = St::Exiting;
         self.current = None;
+        if self.th(pid).tgid == self.leader
+            && (group
+                || self
+                    .threads
+                    .values()
+                    .filter(|t| t.tgid == self.leader)
+                    .count()
+                    == 1)
+        {
+            if let Some(g) = &self.gate {
+                g.closed(None, self.log.bytes());
+            }
+        }
         if group {
             let tgid = self.th(pid).tgid;
             let members: Vec<i32> = self
@@ -1187,6 +1233,8 @@ impl Recorder {
         if ret >= 0 {
             self.track(t, tgid, &p, ret)?;
         }
+        let nr = p.nr;
+        let args = p.args;
         self.log.event(Event::Syscall(SyscallEvent {
             tid: self.rt(t),
             nr: p.nr,
@@ -1198,7 +1246,90 @@ impl Recorder {
             aux,
             path: p.path,
         }))?;
+        if ret >= 0 {
+            self.net_after(t, tgid, nr, &args, ret)?;
+        }
         self.resume_after_syscall(t, regs.rip, p.nr)
+    }
+
+    /// The program's TCP connections: log the parameters of each accepted
+    /// one (for a standby to rebuild it) and tell the output rule what the
+    /// program read, wrote and closed, at which log offset.
+    fn net_after(
+        &mut self,
+        t: i32,
+        tgid: i32,
+        nr: u32,
+        args: &[u64; 6],
+        ret: i64,
+    ) -> Result<(), RecordError> {
+        match nr as i64 {
+            libc::SYS_accept | libc::SYS_accept4 => {
+                let fd = ret as i32;
+                let Ok(dup) = sys::dup_from(tgid, fd) else {
+                    return Ok(());
+                };
+                use std::os::fd::AsFd;
+                if !tcp::is_tcp(dup.as_fd()) {
+                    return Ok(());
+                }
+                match tcp::capture(dup.as_fd(), self.rt(t), fd) {
+                    Ok(conn) => {
+                        self.log.event(Event::Tcp(conn.clone()))?;
+                        let key = key_of(&conn.local, &conn.remote);
+                        if let (Some(g), Some(k)) = (&self.gate, key) {
+                            g.accepted(k, conn.snd_base, conn.rcv_base);
+                        }
+                        self.conns.insert(
+                            (tgid, fd),
+                            ConnTrack {
+                                key,
+                                conn,
+                                written: 0,
+                                read: 0,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!("connection on fd {fd}: cannot read its TCP state ({e}); a takeover cannot keep it")
+                    }
+                }
+            }
+            libc::SYS_listen => {
+                if let (Some(g), Ok(dup)) = (&self.gate, sys::dup_from(tgid, args[0] as i32)) {
+                    use std::os::fd::AsFd;
+                    if let Some(p) = tcp::local_port(dup.as_fd()) {
+                        g.listening(p);
+                    }
+                }
+            }
+            libc::SYS_close | libc::SYS_shutdown => {
+                let fd = args[0] as i32;
+                let c = if nr as i64 == libc::SYS_close {
+                    self.conns.remove(&(tgid, fd))
+                } else {
+                    self.conns.get(&(tgid, fd)).cloned()
+                };
+                if let (Some(g), Some(Some(k))) = (&self.gate, c.map(|c| c.key)) {
+                    g.closed(Some(k), self.log.bytes());
+                }
+            }
+            _ => {
+                if let Some((fd, wrote, n)) = tcp::conn_io(nr, args, ret) {
+                    if let Some(c) = self.conns.get_mut(&(tgid, fd)) {
+                        if wrote {
+                            c.written += n;
+                        } else {
+                            c.read += n;
+                        }
+                        if let (Some(g), Some(k)) = (&self.gate, c.key) {
+                            g.io(k, wrote, n, self.log.bytes());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn resume_after_syscall(&mut self, t: i32, rip: u64, nr: u32) -> Result<(), RecordError> {

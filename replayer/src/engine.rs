@@ -82,6 +82,8 @@ pub struct Handover {
     pub events: u64,
     /// Listening sockets made real on this host: (fd, what happened).
     pub listeners: Vec<(i32, String)>,
+    /// Connections rebuilt with TCP_REPAIR: (fd, what happened).
+    pub connections: Vec<(i32, String)>,
 }
 
 /// A replay that reached the end of its log.
@@ -147,6 +149,34 @@ struct Engine<'a> {
     /// Reads of the program's own pipes in the kernel, being filled to the
     /// recorded byte count, by live tid.
     fills: HashMap<i32, Fill>,
+    /// The program's TCP connections, by (live tgid, fd): what it read and
+    /// wrote, and the tail of what it wrote, to rebuild them at takeover.
+    conns: HashMap<(i32, i32), Conn>,
+    tail_max: usize,
+}
+
+/// A connection followed by replay.
+#[derive(Debug)]
+struct Conn {
+    track: hotstandby_recorder::ConnTrack,
+    tail: std::collections::VecDeque<u8>,
+    /// False once a write's bytes could not be read back (sendfile): the
+    /// connection cannot be rebuilt faithfully.
+    tail_ok: bool,
+}
+
+/// The most bytes a primary's socket can hold unacknowledged: its send
+/// buffer can grow to `tcp_wmem`'s maximum (4 MiB by default).
+fn tail_max() -> usize {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(2)
+                .and_then(|v| v.parse::<usize>().ok())
+        })
+        .unwrap_or(4 << 20)
+        .max(4 << 20)
 }
 
 /// A read asked for exactly its recorded byte count. A pipe read returns as
@@ -287,6 +317,8 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
         _p: std::marker::PhantomData,
         sigact: HashMap::from([(pid, [(0, 0); 65])]),
         sockets: HashMap::new(),
+        conns: HashMap::new(),
+        tail_max: tail_max(),
         fills: HashMap::new(),
         opts,
         threads: HashMap::new(),
@@ -527,6 +559,22 @@ impl Engine<'_> {
                     }
                 }
                 Event::Exit { tid, code, group } => self.on_exit(*tid, *code, *group)?,
+                Event::Tcp(c) => {
+                    let tgid = self.th(c.tid)?.tgid;
+                    self.conns.insert(
+                        (tgid, c.fd),
+                        Conn {
+                            track: hotstandby_recorder::ConnTrack {
+                                key: hotstandby_netguard::gate::key_of(&c.local, &c.remote),
+                                conn: c.clone(),
+                                written: 0,
+                                read: 0,
+                            },
+                            tail: Default::default(),
+                            tail_ok: true,
+                        },
+                    );
+                }
             }
             self.idx += 1;
         }
@@ -1317,8 +1365,26 @@ impl Engine<'_> {
             }
             libc::SYS_close => {
                 self.sockets.remove(&(tgid, a[0] as i32));
+                self.conns.remove(&(tgid, a[0] as i32));
             }
-            _ => {}
+            _ => {
+                if let Some((fd, wrote, n)) = hotstandby_netguard::tcp::conn_io(s.nr, a, s.ret) {
+                    if let Some(c) = self.conns.get_mut(&(tgid, fd)) {
+                        if wrote {
+                            c.track.written += n;
+                            let data = model::written_bytes(live, s.nr, a, s.ret)?;
+                            if data.len() as u64 != n {
+                                c.tail_ok = false;
+                            }
+                            c.tail.extend(data);
+                            let over = c.tail.len().saturating_sub(self.tail_max);
+                            c.tail.drain(..over);
+                        } else {
+                            c.track.read += n;
+                        }
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -1384,13 +1450,51 @@ impl Engine<'_> {
             };
             listeners.push((*fd, what));
         }
+        // Then connections (in repair mode a socket may share the port of
+        // the listener). All before the virtual IP moves here: no client
+        // packet can reach them earlier, and once one does they must exist
+        // (a packet for an unknown connection is answered with a reset).
+        let mut connections = Vec::new();
+        let mut conns = Vec::new();
+        for ((tgid, fd), c) in &mut self.conns {
+            let what = if !c.tail_ok {
+                "NOT rebuilt: bytes it sent with sendfile are not in the standby's tail".to_string()
+            } else {
+                let tail: &[u8] = c.tail.make_contiguous();
+                let tail = &tail[tail.len().saturating_sub(c.track.written as usize)..];
+                match sys::dup_from(*tgid, *fd) {
+                    Ok(dup) => {
+                        use std::os::fd::AsFd;
+                        let p = hotstandby_netguard::tcp::Progress {
+                            read: c.track.read,
+                            written: c.track.written,
+                            tail,
+                        };
+                        match hotstandby_netguard::tcp::rebuild(dup.as_fd(), &c.track.conn, p) {
+                            Ok(()) => format!(
+                                "rebuilt ({} bytes read, {} written, {} re-sent)",
+                                c.track.read,
+                                c.track.written,
+                                tail.len()
+                            ),
+                            Err(e) => format!("could not be rebuilt: {e}"),
+                        }
+                    }
+                    Err(e) => format!("could not be reached: {e}"),
+                }
+            };
+            connections.push((*fd, what));
+            conns.push(((*tgid, *fd), c.track.clone()));
+        }
         let sigact = self.sigact.iter().map(|(k, v)| (*k, *v)).collect();
         Ok(Handover {
             takeover: Takeover {
                 leader: self.leader_live,
                 threads,
                 sigact,
+                conns,
             },
+            connections,
             log_offset: self.src.position(),
             next_seq: self.src.next_seq(),
             events: self.idx as u64,

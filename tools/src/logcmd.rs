@@ -401,10 +401,13 @@ pub fn replay(dir: &Path, show: bool, go_live: bool) -> anyhow::Result<u8> {
             for (fd, what) in &h.listeners {
                 eprintln!("hotstandby: listening socket fd {fd}: {what}");
             }
+            for (fd, what) in &h.connections {
+                eprintln!("hotstandby: connection fd {fd}: {what}");
+            }
             let writer = logfile::LogWriter::resume(dir, h.log_offset, h.next_seq, h.events)
                 .with_context(|| format!("continuing the log in {}", dir.display()))?;
-            let out =
-                hotstandby_recorder::continue_live(h.takeover, writer).context("running live")?;
+            let out = hotstandby_recorder::continue_live(h.takeover, writer, None)
+                .context("running live")?;
             eprintln!(
                 "hotstandby: the program exited with status {} ({} events in the log)",
                 out.exit_status, out.events

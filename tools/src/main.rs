@@ -133,13 +133,17 @@ struct NodeArgs {
     #[arg(long, default_value_t = 64)]
     max_lag_mb: u64,
     /// Virtual IP (ADDR/PREFIX) held by the primary and taken, with
-    /// gratuitous ARP, by the standby when it goes live. Clients' open TCP
-    /// connections are not carried over yet: they reconnect to it.
+    /// gratuitous ARP, by the standby when it goes live. With it, the output
+    /// rule holds the program's TCP packets from this address until the
+    /// standby has their log, and the standby rebuilds open connections.
     #[arg(long)]
     vip: Option<String>,
     /// Interface for --vip.
     #[arg(long)]
     dev: Option<String>,
+    /// NFQUEUE number used by the output rule (with --vip).
+    #[arg(long, default_value_t = 7311)]
+    queue_num: u16,
 }
 
 impl NodeArgs {
@@ -163,7 +167,11 @@ impl NodeArgs {
                         "--vip must be ADDRESS/PREFIX, e.g. 198.51.100.10/24 (got {cidr})"
                     );
                 }
-                Some(node::Vip { cidr, dev })
+                Some(node::Vip {
+                    cidr,
+                    dev,
+                    queue: self.queue_num,
+                })
             }
             _ => anyhow::bail!("--vip and --dev go together"),
         };
@@ -236,6 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 argv: cmd,
                 data_dir,
                 throttle: None,
+                gate: None,
             })
             .with_context(|| format!("recording into {}", log.display()))?;
             tracing::info!(events = out.events, bytes = out.bytes, "recorded");

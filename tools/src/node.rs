@@ -7,6 +7,9 @@
 //! their own threads (a tracer must be one thread); the network runs on a
 //! single-threaded tokio runtime.
 
+use hotstandby_netguard::gate::Gate;
+use hotstandby_netguard::nfqueue::Queue;
+use hotstandby_netguard::rules::OutputRule;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -78,6 +81,41 @@ pub struct Vip {
     /// `ADDR/PREFIX`.
     pub cidr: String,
     pub dev: String,
+    /// NFQUEUE number of the output rule.
+    pub queue: u16,
+}
+
+/// The output rule in force on this host: the queue thread and the
+/// iptables rule that feeds it.
+#[derive(Debug)]
+pub struct Guard {
+    pub gate: Arc<Gate>,
+    rule: Option<OutputRule>,
+    thread: Option<std::thread::JoinHandle<Result<(), hotstandby_netguard::NetError>>>,
+}
+
+impl Guard {
+    /// Orderly end: let held packets go, remove the rule.
+    pub fn finish(mut self) {
+        self.gate.stop(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        drop(self.rule.take());
+    }
+
+    /// A newer primary exists: drop what is held and keep the rule, so
+    /// nothing of this program leaves the host any more (not even the FIN
+    /// or RST of its sockets closing as it is killed).
+    pub fn step_down(mut self) {
+        self.gate.stop(false);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(r) = self.rule.take() {
+            r.keep();
+        }
+    }
 }
 
 impl Vip {
@@ -101,6 +139,62 @@ impl Vip {
             );
         }
         Ok(())
+    }
+
+    /// Start the output rule: bind the queue, serve it on a thread, then
+    /// send TCP from the virtual IP to it.
+    pub fn guard(&self) -> anyhow::Result<Guard> {
+        let ip: std::net::Ipv4Addr = self.ip().parse().with_context(|| {
+            format!(
+                "the output rule needs an IPv4 virtual IP (got {})",
+                self.cidr
+            )
+        })?;
+        let gate = Gate::new()?;
+        let q =
+            Queue::open(self.queue).with_context(|| format!("binding NFQUEUE {}", self.queue))?;
+        let g = gate.clone();
+        let thread = std::thread::Builder::new()
+            .name("output-rule".into())
+            .spawn(move || {
+                let r = g.serve(q);
+                if let Err(e) = &r {
+                    eprintln!("hotstandby: OUTPUT RULE FAILED: {e}; the program's packets are now dropped (fail closed)");
+                }
+                r
+            })?;
+        let rule = OutputRule::install(ip, self.queue)?;
+        eprintln!(
+            "hotstandby: output rule on: TCP from {ip} leaves only once the standby holds its log (NFQUEUE {})",
+            self.queue
+        );
+        Ok(Guard {
+            gate,
+            rule: Some(rule),
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether another host answers for the virtual IP (an ARP probe, as in
+    /// duplicate address detection), trying until `window` has passed.
+    pub fn held_elsewhere(&self, window: Duration) -> bool {
+        let end = Instant::now() + window;
+        while Instant::now() < end {
+            let o = std::process::Command::new("arping")
+                .args(["-q", "-D", "-c", "1", "-w", "1", "-I", &self.dev, self.ip()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            match o {
+                Ok(s) if s.code() == Some(1) => return true,
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("hotstandby: cannot run arping to probe the virtual IP: {e}");
+                    return false;
+                }
+            }
+        }
+        false
     }
 
     /// Give the address up.
@@ -189,6 +283,7 @@ async fn serve_primary(
     epoch: u64,
     throttle: Arc<Throttle>,
     finished: &(dyn Fn() -> bool + Sync),
+    net: Option<(&Vip, Arc<Gate>)>,
 ) -> anyhow::Result<bool> {
     let path = dir.join(STREAM);
     while !path.exists() {
@@ -235,12 +330,24 @@ async fn serve_primary(
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         };
-        match serve_one(&conn, dir, &file, &mut session, &throttle, finished).await {
+        let gate = net.as_ref().map(|(_, g)| g.clone());
+        let r = serve_one(
+            &conn,
+            dir,
+            &file,
+            &mut session,
+            &throttle,
+            finished,
+            gate.as_ref(),
+        )
+        .await;
+        let lost = match r {
             Ok(Served::StandbyGone) => {
                 throttle.active.store(false, Relaxed);
-                eprintln!("hotstandby: the standby is gone; serving UNPROTECTED until a standby joins again");
+                eprintln!("hotstandby: the standby is gone");
                 session.handle_disconnected();
                 conn.close(0u32.into(), b"standby lost");
+                true
             }
             Ok(Served::Finished) => {
                 throttle.active.store(false, Relaxed);
@@ -253,9 +360,37 @@ async fn serve_primary(
             }
             Err(e) => {
                 throttle.active.store(false, Relaxed);
-                eprintln!("hotstandby: standby connection failed: {e:#}; serving UNPROTECTED");
+                eprintln!("hotstandby: standby connection failed: {e:#}");
                 session.handle_disconnected();
+                true
             }
+        };
+        if lost {
+            if let Some((vip, gate)) = &net {
+                // Dead standby, or a partition between us while it took
+                // over? Its gratuitous ARP / an ARP probe tells: if another
+                // host answers for the virtual IP, step down with nothing
+                // released; if none does within the window, serve alone.
+                let window = (cfg.timeout * 3).max(Duration::from_secs(1));
+                eprintln!(
+                    "hotstandby: holding client output while probing who holds {} (up to {} ms)",
+                    vip.cidr,
+                    window.as_millis()
+                );
+                let v = (*vip).clone();
+                let elsewhere = tokio::task::spawn_blocking(move || v.held_elsewhere(window))
+                    .await
+                    .unwrap_or(false);
+                if elsewhere {
+                    eprintln!(
+                        "hotstandby: another host answers for {}: the standby took over",
+                        vip.cidr
+                    );
+                    return Ok(true);
+                }
+                gate.set_protected(false);
+            }
+            eprintln!("hotstandby: serving UNPROTECTED until a standby joins again");
         }
     }
 }
@@ -314,7 +449,9 @@ async fn serve_one(
     session: &mut Primary,
     throttle: &Throttle,
     finished: &(dyn Fn() -> bool + Sync),
+    gate: Option<&Arc<Gate>>,
 ) -> anyhow::Result<Served> {
+    let mut protected = false;
     let peer = conn.remote_address();
     session.handle_connected(Instant::now());
     let mut stream = tokio::time::timeout(Duration::from_secs(2), MsgStream::accept(conn))
@@ -363,6 +500,14 @@ async fn serve_one(
             return Ok(Served::StandbyGone);
         }
         throttle.acked.store(session.acked(), Relaxed);
+        if let Some(g) = gate {
+            g.acked(session.acked());
+            let p = session.state() == PrimaryState::Protected;
+            if p != protected {
+                g.set_protected(p);
+                protected = p;
+            }
+        }
         if session.state() == PrimaryState::SteppedDown {
             return Ok(Served::SteppedDown);
         }
@@ -400,6 +545,10 @@ pub fn run(
     cmd: Vec<String>,
 ) -> anyhow::Result<u8> {
     let (keys, peer) = tls.load()?;
+    let guard = match &vip {
+        Some(v) => Some(v.guard()?),
+        None => None,
+    };
     if let Some(v) = &vip {
         v.add()?;
         eprintln!("hotstandby: holding the virtual IP {} on {}", v.cidr, v.dev);
@@ -415,11 +564,16 @@ pub fn run(
         argv: cmd,
         data_dir,
         throttle: Some(throttle.clone()),
+        gate: guard.as_ref().map(|g| g.gate.clone()),
     };
     let rec = std::thread::spawn(move || hotstandby_recorder::record(&opts));
     let finished = || rec.is_finished();
-    let stepped_down = rt.block_on(serve_primary(ep, &log, cfg, 1, throttle, &finished))?;
+    let net = vip.as_ref().zip(guard.as_ref().map(|g| g.gate.clone()));
+    let stepped_down = rt.block_on(serve_primary(ep, &log, cfg, 1, throttle, &finished, net))?;
     if stepped_down {
+        if let Some(g) = guard {
+            g.step_down();
+        }
         eprintln!("hotstandby: A NEWER PRIMARY HAS TAKEN OVER: this primary steps down and stops its program");
         write_status(
             &log,
@@ -435,6 +589,9 @@ pub fn run(
     let out = rec
         .join()
         .map_err(|_| anyhow::anyhow!("the recorder thread panicked"))??;
+    if let Some(g) = guard {
+        g.finish();
+    }
     if let Some(v) = &vip {
         v.del();
     }
@@ -495,6 +652,14 @@ pub fn standby(
         let _g = rt.enter();
         transport::client("0.0.0.0:0".parse().expect("addr"), &keys, peer.clone())?
     };
+    // The output rule is ready before this host can become primary (it
+    // matches nothing until the virtual IP is here, and lets everything out
+    // until a standby of this node is attached).
+    let guard = match &vip {
+        Some(v) => Some(v.guard()?),
+        None => None,
+    };
+    let net = vip.clone().zip(guard.as_ref().map(|g| g.gate.clone()));
     let mut replayer: Option<std::thread::JoinHandle<anyhow::Result<i32>>> = None;
     let lost = rt.block_on(follow(
         &client,
@@ -507,7 +672,7 @@ pub fn standby(
         &throttle,
         &data_dir,
         &mut replayer,
-        &vip,
+        &net,
     ))?;
     let Some(rep) = replayer else {
         bail!("the primary at {primary} was never reached with a log; nothing to take over");
@@ -530,11 +695,25 @@ pub fn standby(
     };
     let announce = rt.spawn(announce_takeover(client.clone(), primary, epoch));
     let finished = || rep.is_finished();
-    let _ = rt.block_on(serve_primary(ep, &log, cfg, epoch, throttle, &finished));
+    let n = net.as_ref().map(|(v, g)| (v, g.clone()));
+    let stepped_down = rt.block_on(serve_primary(ep, &log, cfg, epoch, throttle, &finished, n));
     announce.abort();
+    if let Ok(true) = stepped_down {
+        eprintln!("hotstandby: another host holds the virtual IP now: this primary steps down");
+        if let Some(g) = guard {
+            g.step_down();
+        }
+        std::process::exit(EXIT_STEPPED_DOWN as i32);
+    }
     let code = rep
         .join()
         .map_err(|_| anyhow::anyhow!("the live program thread panicked"))??;
+    if let Some(g) = guard {
+        g.finish();
+    }
+    if let Some((v, _)) = &net {
+        v.del();
+    }
     Ok(code.clamp(0, 255) as u8)
 }
 
@@ -575,12 +754,14 @@ fn start_replay(
     feed: &Arc<LiveFeed>,
     throttle: &Arc<Throttle>,
     data_dir: &Option<PathBuf>,
+    net: &Option<(Vip, Arc<Gate>)>,
 ) -> std::thread::JoinHandle<anyhow::Result<i32>> {
-    let (log, feed, throttle, data_dir) = (
+    let (log, feed, throttle, data_dir, net) = (
         log.to_path_buf(),
         feed.clone(),
         throttle.clone(),
         data_dir.clone(),
+        net.clone(),
     );
     std::thread::spawn(move || {
         let opts = ReplayOptions {
@@ -600,9 +781,17 @@ fn start_replay(
         for (fd, what) in &h.listeners {
             eprintln!("hotstandby: listening socket fd {fd}: {what}");
         }
+        for (fd, what) in &h.connections {
+            eprintln!("hotstandby: connection fd {fd}: {what}");
+        }
+        // The sockets are ready: now take the address clients use.
+        if let Some((v, _)) = &net {
+            v.add()?;
+            v.announce();
+        }
         let mut w = LogWriter::resume(&log, h.log_offset, h.next_seq, h.events)?;
         w.set_throttle(throttle);
-        let o = hotstandby_recorder::continue_live(h.takeover, w)?;
+        let o = hotstandby_recorder::continue_live(h.takeover, w, net.map(|(_, g)| g))?;
         Ok(o.exit_status)
     })
 }
@@ -621,17 +810,8 @@ async fn follow(
     throttle: &Arc<Throttle>,
     data_dir: &Option<PathBuf>,
     replayer: &mut Option<std::thread::JoinHandle<anyhow::Result<i32>>>,
-    vip: &Option<Vip>,
+    net: &Option<(Vip, Arc<Gate>)>,
 ) -> anyhow::Result<bool> {
-    // Take the virtual IP before the program goes live, so sockets bound to
-    // it can be made real.
-    let take_vip = || -> anyhow::Result<()> {
-        if let Some(v) = vip {
-            v.add()?;
-            v.announce();
-        }
-        Ok(())
-    };
     let mut session = Standby::new(
         cfg,
         logfile::log_id(log)
@@ -664,7 +844,6 @@ async fn follow(
                                 "hotstandby: the primary at {primary} is gone (silent for {} ms)",
                                 t.elapsed().as_millis()
                             );
-                            take_vip()?;
                             feed.lost.store(true, Relaxed);
                             return Ok(true);
                         }
@@ -724,7 +903,7 @@ async fn follow(
                                                 conn.close(1u32.into(), b"wrong program");
                                                 bail!("{reason}");
                                             }
-                                            *replayer = Some(start_replay(log, feed, throttle, data_dir));
+                                            *replayer = Some(start_replay(log, feed, throttle, data_dir, net));
                                         }
                                         Err(logfile::LogError::Corrupt { .. }) | Err(logfile::LogError::NoHeader { .. }) => {}
                                         Err(e) => return Err(e.into()),
@@ -759,7 +938,6 @@ async fn follow(
                     "hotstandby: no heartbeat from the primary for {} ms: taking over",
                     cfg.timeout.as_millis()
                 );
-                take_vip()?;
                 feed.lost.store(true, Relaxed);
                 conn.close(0u32.into(), b"primary lost");
                 return Ok(true);

@@ -40,7 +40,11 @@ fn data_waits_for_the_write_record() {
     let c = s.conns.get_mut(&K).unwrap();
     c.written = 6;
     c.writes.push_back((300, 6));
-    assert_eq!(needs(&s, &pkt(1000, 5000, 10, 0)), None, "only 6 of 10 bytes logged");
+    assert_eq!(
+        needs(&s, &pkt(1000, 5000, 10, 0)),
+        None,
+        "only 6 of 10 bytes logged"
+    );
     let c = s.conns.get_mut(&K).unwrap();
     c.written = 10;
     c.writes.push_back((420, 10));
@@ -81,7 +85,11 @@ fn handshake_leaves_but_early_data_ack_waits_for_accept() {
     assert_eq!(needs(&s, &syn), Some(0));
     s.handshakes.insert(K, 5000);
     assert_eq!(needs(&s, &pkt(1000, 5000, 0, 0)), Some(0));
-    assert_eq!(needs(&s, &pkt(1000, 5010, 0, 0)), None, "acks request bytes before accept");
+    assert_eq!(
+        needs(&s, &pkt(1000, 5010, 0, 0)),
+        None,
+        "acks request bytes before accept"
+    );
     // Traffic of ports the program does not listen on is not its own.
     let mut other = pkt(1, 2, 100, 0);
     other.key.1 = 22;

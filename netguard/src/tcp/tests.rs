@@ -28,7 +28,10 @@ fn capture_then_rebuild_carries_on() {
     let conn = capture(s.as_fd(), 1, 5).unwrap();
     assert!(is_tcp(s.as_fd()));
     assert_eq!(conn.fd, 5);
-    assert!(conn.options & TCPI_OPT_TIMESTAMPS != 0, "loopback negotiates timestamps");
+    assert!(
+        conn.options & TCPI_OPT_TIMESTAMPS != 0,
+        "loopback negotiates timestamps"
+    );
     let mut s = s;
     let mut buf = [0u8; 5];
     s.read_exact(&mut buf).unwrap();
@@ -58,12 +61,14 @@ fn capture_then_rebuild_carries_on() {
     let mut n = TcpStream::from(n);
     c.write_all(b"more").unwrap();
     let mut buf = [0u8; 4];
-    n.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    n.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
     n.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"more");
     n.write_all(b"xyz").unwrap();
     let mut rest = [0u8; 6];
-    c.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
     c.read_exact(&mut rest).unwrap();
     assert_eq!(&rest, b"defxyz");
 }
@@ -95,7 +100,11 @@ fn rebuild_with_wrong_read_count_loses_the_stream() {
     .unwrap();
     let mut n = TcpStream::from(n);
     c.write_all(b"more").unwrap();
-    n.set_read_timeout(Some(std::time::Duration::from_millis(500))).unwrap();
+    n.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
     let mut buf = [0u8; 4];
-    assert!(n.read_exact(&mut buf).is_err(), "bytes before rcv_nxt must not be delivered");
+    assert!(
+        n.read_exact(&mut buf).is_err(),
+        "bytes before rcv_nxt must not be delivered"
+    );
 }
