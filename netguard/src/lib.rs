@@ -8,7 +8,9 @@
 //! - [`gate`]: the output rule: a packet of the program's connections leaves
 //!   only once the standby holds the log position that produced it.
 //! - [`rules`]: the iptables rules that send those packets to the queue.
+//! - [`arp`]: whether another host holds the virtual IP (partition test).
 
+pub mod arp;
 pub mod gate;
 pub mod nfqueue;
 pub mod rules;

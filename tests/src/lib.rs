@@ -6,7 +6,8 @@
 //! they fail loudly, never skip, when the machine cannot run them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// A directory under /tmp removed on drop.
 #[derive(Debug)]
@@ -382,4 +383,59 @@ impl Drop for Lan {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
+}
+
+/// Poll `f` every 10 ms until it holds; fail naming `what` after `secs`.
+pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills a child by its PID when dropped (also when a test fails).
+#[derive(Debug)]
+pub struct Guard(pub Option<Child>);
+impl Guard {
+    pub fn pid(&self) -> i32 {
+        self.0.as_ref().expect("running").id() as i32
+    }
+    pub fn wait(&mut self, secs: u64) -> std::process::Output {
+        let c = self.0.take().expect("running");
+        let pid = c.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(c.wait_with_output());
+        });
+        match rx.recv_timeout(Duration::from_secs(secs)) {
+            Ok(o) => o.expect("wait"),
+            Err(_) => {
+                // SAFETY: kill takes plain integers; the pid is our child's.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                panic!("process {pid} did not finish within {secs} s");
+            }
+        }
+    }
+}
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `hotstandby status --log LOG` output.
+pub fn status(b: &Path, log: &Path) -> String {
+    let o = Command::new(b)
+        .args(["status", "--log"])
+        .arg(log)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }

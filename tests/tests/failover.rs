@@ -5,7 +5,7 @@
 //! statuses must be right.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hotstandby_tests::*;
@@ -40,49 +40,6 @@ fn assert_counts(v: &[i64], n: i64, what: &str) {
             "{what}: number {} is {x} (gap or repetition)",
             i + 1
         );
-    }
-}
-
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Kills a child by its PID when dropped (also when a test fails).
-struct Guard(Option<Child>);
-impl Guard {
-    fn pid(&self) -> i32 {
-        self.0.as_ref().expect("running").id() as i32
-    }
-    fn wait(&mut self, secs: u64) -> std::process::Output {
-        let c = self.0.take().expect("running");
-        let pid = c.id();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(c.wait_with_output());
-        });
-        match rx.recv_timeout(Duration::from_secs(secs)) {
-            Ok(o) => o.expect("wait"),
-            Err(_) => {
-                // SAFETY: kill takes plain integers; the pid is our child's.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                panic!("process {pid} did not finish within {secs} s");
-            }
-        }
-    }
-}
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -182,15 +139,6 @@ impl Lab {
     fn a_file(&self) -> PathBuf {
         self.a.join("counter.txt")
     }
-}
-
-fn status(b: &Path, log: &Path) -> String {
-    let o = Command::new(b)
-        .args(["status", "--log"])
-        .arg(log)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn following(lab: &Lab, log: &Path, file: &Path) {

@@ -175,26 +175,20 @@ impl Vip {
         })
     }
 
-    /// Whether another host answers for the virtual IP (an ARP probe, as in
+    /// Whether another host answers for the virtual IP (ARP probes, as in
     /// duplicate address detection), trying until `window` has passed.
     pub fn held_elsewhere(&self, window: Duration) -> bool {
-        let end = Instant::now() + window;
-        while Instant::now() < end {
-            let o = std::process::Command::new("arping")
-                .args(["-q", "-D", "-c", "1", "-w", "1", "-I", &self.dev, self.ip()])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-            match o {
-                Ok(s) if s.code() == Some(1) => return true,
-                Ok(_) => {}
-                Err(e) => {
-                    eprintln!("hotstandby: cannot run arping to probe the virtual IP: {e}");
-                    return false;
-                }
+        let ip = match self.ip().parse() {
+            Ok(ip) => ip,
+            Err(_) => return false,
+        };
+        match hotstandby_netguard::arp::held_elsewhere(&self.dev, ip, window) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("hotstandby: cannot probe the virtual IP: {e}");
+                false
             }
         }
-        false
     }
 
     /// Give the address up.
@@ -371,7 +365,7 @@ async fn serve_primary(
                 // over? Its gratuitous ARP / an ARP probe tells: if another
                 // host answers for the virtual IP, step down with nothing
                 // released; if none does within the window, serve alone.
-                let window = (cfg.timeout * 3).max(Duration::from_secs(1));
+                let window = (cfg.timeout * 5).max(Duration::from_secs(2));
                 eprintln!(
                     "hotstandby: holding client output while probing who holds {} (up to {} ms)",
                     vip.cidr,
