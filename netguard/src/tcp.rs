@@ -411,6 +411,30 @@ pub fn rebuild(fd: BorrowedFd<'_>, c: &TcpConn, p: Progress<'_>) -> Result<(), N
         let ts = c.tsval.wrapping_add(elapsed as u32).wrapping_add(10_000);
         set(fd, ip, TCP_TIMESTAMP, &ts, "TCP_TIMESTAMP")?;
     }
+    // The bytes the client may lack go into the send queue as already
+    // sent: the client's first acknowledgement then falls inside what this
+    // socket has sent, drops what the client has, and what is left is
+    // retransmitted. (Written as new data instead, bytes the client already
+    // holds would make its acknowledgements point past everything sent.)
+    if !p.tail.is_empty() {
+        let cur: i32 = get(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, "SO_SNDBUF")?;
+        let want = (p.tail.len() as i64 * 2 + cur as i64).min(i32::MAX as i64) as i32;
+        set(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            &want,
+            "SO_SNDBUFFORCE",
+        )?;
+        set(
+            fd,
+            ip,
+            TCP_REPAIR_QUEUE,
+            &TCP_SEND_QUEUE,
+            "TCP_REPAIR_QUEUE send",
+        )?;
+        send_all(fd, p.tail)?;
+    }
     let w = RepairWindow {
         snd_wl1: rcv,
         snd_wnd: c.snd_wnd.max(c.mss),
@@ -419,11 +443,19 @@ pub fn rebuild(fd: BorrowedFd<'_>, c: &TcpConn, p: Progress<'_>) -> Result<(), N
         rcv_wup: rcv,
     };
     set(fd, ip, TCP_REPAIR_WINDOW, &w, "TCP_REPAIR_WINDOW")?;
-    set(fd, ip, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP, "TCP_REPAIR off")?;
-    send_all(fd, p.tail)
+    set(fd, ip, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP, "TCP_REPAIR off")
 }
 
-/// Write `data` on a (possibly non-blocking) socket, waiting for room.
+/// Once the virtual IP is on this host: send a window probe, so that the
+/// client answers with what it has received and the re-queued tail is
+/// trimmed to what it lacks (and retransmitted) without waiting for a timer.
+pub fn announce(fd: BorrowedFd<'_>) -> Result<(), NetError> {
+    let ip = libc::IPPROTO_TCP;
+    set(fd, ip, TCP_REPAIR, &TCP_REPAIR_ON, "TCP_REPAIR on")?;
+    set(fd, ip, TCP_REPAIR, &0i32, "TCP_REPAIR off (window probe)")
+}
+
+/// Write `data` on a socket (in repair mode: into its send queue).
 fn send_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> Result<(), NetError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !data.is_empty() {
@@ -433,7 +465,7 @@ fn send_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> Result<(), NetError> {
                 fd.as_raw_fd(),
                 data.as_ptr() as *const libc::c_void,
                 data.len(),
-                libc::MSG_NOSIGNAL,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
             )
         };
         if n > 0 {
@@ -443,7 +475,7 @@ fn send_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> Result<(), NetError> {
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) if std::time::Instant::now() < deadline => {
+            Some(libc::EAGAIN | libc::ENOBUFS) if std::time::Instant::now() < deadline => {
                 let mut p = libc::pollfd {
                     fd: fd.as_raw_fd(),
                     events: libc::POLLOUT,

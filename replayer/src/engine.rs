@@ -84,6 +84,32 @@ pub struct Handover {
     pub listeners: Vec<(i32, String)>,
     /// Connections rebuilt with TCP_REPAIR: (fd, what happened).
     pub connections: Vec<(i32, String)>,
+    /// The rebuilt connections, to announce once the virtual IP is here
+    /// (see [`Handover::resend_tails`]).
+    pub resend: Vec<Resend>,
+}
+
+/// One rebuilt connection (the supervisor's duplicate of its socket).
+#[derive(Debug)]
+pub struct Resend {
+    pub fd: i32,
+    pub sock: std::os::fd::OwnedFd,
+}
+
+impl Handover {
+    /// Probe each rebuilt connection (after the virtual IP moved here): the
+    /// client's answer trims the re-queued tail to what it lacks, which is
+    /// then retransmitted. One line per failure.
+    pub fn resend_tails(&mut self) -> Vec<String> {
+        use std::os::fd::AsFd;
+        let mut errs = Vec::new();
+        for r in self.resend.drain(..) {
+            if let Err(e) = hotstandby_netguard::tcp::announce(r.sock.as_fd()) {
+                errs.push(format!("connection fd {}: {e}", r.fd));
+            }
+        }
+        errs
+    }
 }
 
 /// A replay that reached the end of its log.
@@ -1456,6 +1482,7 @@ impl Engine<'_> {
         // (a packet for an unknown connection is answered with a reset).
         let mut connections = Vec::new();
         let mut conns = Vec::new();
+        let mut resend = Vec::new();
         for ((tgid, fd), c) in &mut self.conns {
             let what = if !c.tail_ok {
                 "NOT rebuilt: bytes it sent with sendfile are not in the standby's tail".to_string()
@@ -1471,12 +1498,16 @@ impl Engine<'_> {
                             tail,
                         };
                         match hotstandby_netguard::tcp::rebuild(dup.as_fd(), &c.track.conn, p) {
-                            Ok(()) => format!(
-                                "rebuilt ({} bytes read, {} written, {} re-sent)",
-                                c.track.read,
-                                c.track.written,
-                                tail.len()
-                            ),
+                            Ok(()) => {
+                                let what = format!(
+                                    "rebuilt ({} bytes read, {} written, last {} queued again)",
+                                    c.track.read,
+                                    c.track.written,
+                                    tail.len()
+                                );
+                                resend.push(Resend { fd: *fd, sock: dup });
+                                what
+                            }
                             Err(e) => format!("could not be rebuilt: {e}"),
                         }
                     }
@@ -1495,6 +1526,7 @@ impl Engine<'_> {
                 conns,
             },
             connections,
+            resend,
             log_offset: self.src.position(),
             next_seq: self.src.next_seq(),
             events: self.idx as u64,

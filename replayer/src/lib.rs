@@ -13,5 +13,5 @@ mod engine;
 
 pub use divergence::Divergence;
 pub use engine::{
-    check_identity, replay, Handover, LiveFeed, ReplayError, ReplayOptions, ReplayOutcome,
+    check_identity, replay, Handover, LiveFeed, ReplayError, ReplayOptions, ReplayOutcome, Resend,
 };

@@ -404,6 +404,10 @@ pub fn replay(dir: &Path, show: bool, go_live: bool) -> anyhow::Result<u8> {
             for (fd, what) in &h.connections {
                 eprintln!("hotstandby: connection fd {fd}: {what}");
             }
+            let mut h = h;
+            for e in h.resend_tails() {
+                eprintln!("hotstandby: {e}");
+            }
             let writer = logfile::LogWriter::resume(dir, h.log_offset, h.next_seq, h.events)
                 .with_context(|| format!("continuing the log in {}", dir.display()))?;
             let out = hotstandby_recorder::continue_live(h.takeover, writer, None)

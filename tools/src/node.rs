@@ -783,6 +783,10 @@ fn start_replay(
             v.add()?;
             v.announce();
         }
+        let mut h = h;
+        for e in h.resend_tails() {
+            eprintln!("hotstandby: {e}");
+        }
         let mut w = LogWriter::resume(&log, h.log_offset, h.next_seq, h.events)?;
         w.set_throttle(throttle);
         let o = hotstandby_recorder::continue_live(h.takeover, w, net.map(|(_, g)| g))?;

@@ -58,6 +58,7 @@ fn capture_then_rebuild_carries_on() {
         },
     )
     .unwrap();
+    announce(n.as_fd()).unwrap();
     let mut n = TcpStream::from(n);
     c.write_all(b"more").unwrap();
     let mut buf = [0u8; 4];
