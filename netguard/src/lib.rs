@@ -11,6 +11,7 @@
 //! - [`arp`]: whether another host holds the virtual IP (partition test).
 
 pub mod arp;
+pub mod conns;
 pub mod gate;
 pub mod nfqueue;
 pub mod rules;

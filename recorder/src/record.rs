@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
+use hotstandby_netguard::conns::{self, ConnTable};
 use hotstandby_netguard::gate::{key_of, Gate, Key};
 use hotstandby_netguard::tcp;
 use hotstandby_protocol::record::{Event, Identity, MemWrite, Mode, SyscallEvent, TcpConn};
@@ -171,7 +172,7 @@ struct Recorder {
     /// The output rule, if any.
     gate: Option<std::sync::Arc<Gate>>,
     /// The program's TCP connections by (tgid, fd).
-    conns: HashMap<(i32, i32), ConnTrack>,
+    conns: ConnTable<ConnTrack>,
 }
 
 /// What the supervisor knows of one of the program's TCP connections.
@@ -282,7 +283,7 @@ pub struct Takeover {
     /// Per live tgid: signal dispositions (handler, flags) tracked by replay.
     pub sigact: Vec<(i32, [(u64, u64); 65])>,
     /// The program's TCP connections, rebuilt or not, by (live tgid, fd).
-    pub conns: Vec<((i32, i32), ConnTrack)>,
+    pub conns: Vec<(Vec<(i32, i32)>, ConnTrack)>,
 }
 
 /// Let a replayed program continue for real from where its log ends,
@@ -294,11 +295,16 @@ pub fn continue_live(
 ) -> Result<RecordOutcome, RecordError> {
     forward_signals(t.leader);
     let mut r = Recorder::new(log, t.leader);
-    for (k, c) in &t.conns {
+    for (fds, c) in &t.conns {
         if let (Some(g), Some(key)) = (&gate, c.key) {
             g.adopt(key, c.conn.snd_base, c.conn.rcv_base, c.written, c.read);
         }
-        r.conns.insert(*k, c.clone());
+        if let Some((first, rest)) = fds.split_first() {
+            r.conns.insert(*first, c.clone());
+            for fd in rest {
+                r.conns.dup(*first, *fd);
+            }
+        }
     }
     r.gate = gate;
     r.to_live = t.threads.iter().map(|th| (th.rec, th.live)).collect();
@@ -456,7 +462,7 @@ impl Recorder {
             to_live: HashMap::new(),
             to_rec: HashMap::new(),
             gate: None,
-            conns: HashMap::new(),
+            conns: ConnTable::default(),
         }
     }
 
@@ -1280,7 +1286,7 @@ impl Recorder {
                         if let (Some(g), Some(k)) = (&self.gate, key) {
                             g.accepted(k, conn.snd_base, conn.rcv_base);
                         }
-                        self.conns.insert(
+                        let ended = self.conns.insert(
                             (tgid, fd),
                             ConnTrack {
                                 key,
@@ -1289,6 +1295,7 @@ impl Recorder {
                                 read: 0,
                             },
                         );
+                        self.conn_ended(ended);
                     }
                     Err(e) => {
                         tracing::warn!("connection on fd {fd}: cannot read its TCP state ({e}); a takeover cannot keep it")
@@ -1303,20 +1310,21 @@ impl Recorder {
                     }
                 }
             }
-            libc::SYS_close | libc::SYS_shutdown => {
-                let fd = args[0] as i32;
-                let c = if nr as i64 == libc::SYS_close {
-                    self.conns.remove(&(tgid, fd))
-                } else {
-                    self.conns.get(&(tgid, fd)).cloned()
-                };
-                if let (Some(g), Some(Some(k))) = (&self.gate, c.map(|c| c.key)) {
-                    g.closed(Some(k), self.log.bytes());
-                }
+            libc::SYS_close => {
+                let ended = self.conns.close((tgid, args[0] as i32));
+                self.conn_ended(ended);
+            }
+            libc::SYS_shutdown => {
+                let c = self.conns.get((tgid, args[0] as i32)).cloned();
+                self.conn_ended(c);
             }
             _ => {
+                if let Some((from, to)) = conns::dup_of(nr, args, ret) {
+                    let ended = self.conns.dup((tgid, from), (tgid, to));
+                    self.conn_ended(ended);
+                }
                 if let Some((fd, wrote, n)) = tcp::conn_io(nr, args, ret) {
-                    if let Some(c) = self.conns.get_mut(&(tgid, fd)) {
+                    if let Some(c) = self.conns.get_mut((tgid, fd)) {
                         if wrote {
                             c.written += n;
                         } else {
@@ -1330,6 +1338,13 @@ impl Recorder {
             }
         }
         Ok(())
+    }
+
+    /// The program closed (or shut down) a connection: its FIN / RST may go.
+    fn conn_ended(&self, c: Option<ConnTrack>) {
+        if let (Some(g), Some(Some(k))) = (&self.gate, c.map(|c| c.key)) {
+            g.closed(Some(k), self.log.bytes());
+        }
     }
 
     fn resume_after_syscall(&mut self, t: i32, rip: u64, nr: u32) -> Result<(), RecordError> {

@@ -149,6 +149,15 @@ enum St {
     /// Let into the kernel (a vfork parent, a blocked pipe write); its
     /// exit stop is collected at its Syscall event.
     InKernel(Option<Regs>),
+    /// Blocked in accept: the kernel had already reserved the fd number the
+    /// call will return (other threads' new fds skip it), so replay holds
+    /// that number with the placeholder socket from the start. Stopped at
+    /// the exit of that socket() call.
+    Reserved {
+        entry: Box<Regs>,
+        exit: Box<Regs>,
+        fd: i64,
+    },
     /// Exited.
     Gone,
 }
@@ -177,7 +186,7 @@ struct Engine<'a> {
     fills: HashMap<i32, Fill>,
     /// The program's TCP connections, by (live tgid, fd): what it read and
     /// wrote, and the tail of what it wrote, to rebuild them at takeover.
-    conns: HashMap<(i32, i32), Conn>,
+    conns: hotstandby_netguard::conns::ConnTable<Conn>,
     tail_max: usize,
 }
 
@@ -343,7 +352,7 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
         _p: std::marker::PhantomData,
         sigact: HashMap::from([(pid, [(0, 0); 65])]),
         sockets: HashMap::new(),
-        conns: HashMap::new(),
+        conns: Default::default(),
         tail_max: tail_max(),
         fills: HashMap::new(),
         opts,
@@ -625,7 +634,14 @@ impl Engine<'_> {
     /// After handling thread `tid`'s syscall: resume it if the log says it
     /// ran next, otherwise leave it stopped.
     fn after(&mut self, tid: u32) -> Result<(), ReplayError> {
-        let next = self.ev(self.idx + 1)?;
+        // What the thread does next (connection records are only notes).
+        let mut i = self.idx + 1;
+        let next = loop {
+            match self.ev(i)? {
+                Some(Event::Tcp(_)) => i += 1,
+                other => break other,
+            }
+        };
         let next = next.as_ref();
         let th = self.th(tid)?;
         match next {
@@ -650,6 +666,27 @@ impl Engine<'_> {
     fn on_syscall(&mut self, s: &SyscallEvent) -> Result<(), ReplayError> {
         let tid = s.tid;
         let live = self.th(tid)?.live;
+        if let St::Reserved { exit, fd, .. } = self.th(tid)?.st.clone() {
+            if s.mode == Mode::PlaceholderFd && s.ret >= 0 {
+                if fd != s.ret {
+                    return self.diverge(
+                        tid,
+                        sysmodel::name(s.nr),
+                        format!("accepted fd {}", s.ret),
+                        format!("placeholder socket got fd {fd}"),
+                    );
+                }
+                self.track(tid, live, s)?;
+                let mut x = *exit;
+                x.rax = s.ret as u64;
+                sys::set_regs(live, &x)?;
+                for w in &s.writes {
+                    sys::write_mem(live, w.addr, &w.data)?;
+                }
+                return self.after(tid);
+            }
+            self.unreserve(tid)?;
+        }
         if let St::AfterClone(mut r, _) = self.th(tid)?.st.clone() {
             r.rax = s.ret as u64;
             sys::set_regs(live, &r)?;
@@ -1130,10 +1167,103 @@ impl Engine<'_> {
             }
             sys::syscall(live, 0)?;
             self.th(tid)?.st = St::InKernel(Some(r));
+        } else if mode == Mode::PlaceholderFd {
+            self.reserve(tid, nr, args, r)?;
         } else {
             self.th(tid)?.st = St::Blocked(r);
         }
         Ok(())
+    }
+
+    /// A thread blocks in accept: take the fd number the kernel reserved
+    /// then (the lowest free one) with the placeholder socket right away.
+    fn reserve(&mut self, tid: u32, nr: u32, args: &[u64; 6], r: Regs) -> Result<(), ReplayError> {
+        let live = self.th(tid)?.live;
+        let tgid = self.th(tid)?.tgid;
+        let family = match self.completion_of(tid)? {
+            Some(c) if c.aux != 0 => c.aux,
+            _ => sys::dup_from(tgid, args[0] as i32)
+                .ok()
+                .and_then(|d| {
+                    use std::os::fd::AsRawFd;
+                    let mut v: i32 = 0;
+                    let mut len = 4u32;
+                    // SAFETY: v is a writable int and len says so.
+                    let rc = unsafe {
+                        libc::getsockopt(
+                            d.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_DOMAIN,
+                            &mut v as *mut i32 as *mut libc::c_void,
+                            &mut len,
+                        )
+                    };
+                    (rc == 0).then_some(v as u64)
+                })
+                .unwrap_or(libc::AF_INET as u64),
+        };
+        let flags = if nr as i64 == libc::SYS_accept4 {
+            args[3] & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64
+        } else {
+            0
+        };
+        let mut q = r;
+        q.orig_rax = libc::SYS_socket as u64;
+        q.rdi = family;
+        q.rsi = libc::SOCK_STREAM as u64 | flags;
+        q.rdx = 0;
+        sys::set_regs(live, &q)?;
+        let mut x = self.execute(tid, live, "accept (placeholder)")?;
+        let fd = x.rax as i64;
+        x.rdi = r.rdi;
+        x.rsi = r.rsi;
+        x.rdx = r.rdx;
+        sys::set_regs(live, &x)?;
+        self.th(tid)?.st = St::Reserved {
+            entry: Box::new(r),
+            exit: Box::new(x),
+            fd,
+        };
+        Ok(())
+    }
+
+    /// Give a reserved fd back (the accept failed, was interrupted, or the
+    /// program goes live) and put the thread back at its accept's entry.
+    fn unreserve(&mut self, tid: u32) -> Result<Regs, ReplayError> {
+        let St::Reserved { entry, exit, fd } = self.th(tid)?.st.clone() else {
+            return self.entry(tid, "accept");
+        };
+        let live = self.th(tid)?.live;
+        let mut q = *exit;
+        q.rip -= 2;
+        q.rax = libc::SYS_close as u64;
+        q.orig_rax = libc::SYS_close as u64;
+        q.rdi = fd as u64;
+        sys::set_regs(live, &q)?;
+        sys::syscall(live, 0)?;
+        match wait_for(live)? {
+            WaitStatus::PtraceSyscall(_)
+            | WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_SECCOMP) => {}
+            other => {
+                return self.diverge(tid, "accept", "closing its placeholder", describe(&other))
+            }
+        }
+        sys::syscall(live, 0)?;
+        self.finish_exec(tid, live, "close")?;
+        // Back to the accept's entry: rewind over the syscall instruction and
+        // stop again where the filter traps it.
+        let mut e = *entry;
+        e.rip -= 2;
+        e.rax = entry.orig_rax;
+        sys::set_regs(live, &e)?;
+        sys::cont(live, 0)?;
+        match wait_for(live)? {
+            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_SECCOMP) => {}
+            other => return self.diverge(tid, "accept", "its entry again", describe(&other)),
+        }
+        let r = sys::get_regs(live)?;
+        self.th(tid)?.st = St::Blocked(r);
+        Ok(r)
     }
 
     /// The Syscall event that completes the syscall `tid` entered.
@@ -1391,11 +1521,14 @@ impl Engine<'_> {
             }
             libc::SYS_close => {
                 self.sockets.remove(&(tgid, a[0] as i32));
-                self.conns.remove(&(tgid, a[0] as i32));
+                self.conns.close((tgid, a[0] as i32));
             }
             _ => {
+                if let Some((from, to)) = hotstandby_netguard::conns::dup_of(s.nr, a, s.ret) {
+                    self.conns.dup((tgid, from), (tgid, to));
+                }
                 if let Some((fd, wrote, n)) = hotstandby_netguard::tcp::conn_io(s.nr, a, s.ret) {
-                    if let Some(c) = self.conns.get_mut(&(tgid, fd)) {
+                    if let Some(c) = self.conns.get_mut((tgid, fd)) {
                         if wrote {
                             c.track.written += n;
                             let data = model::written_bytes(live, s.nr, a, s.ret)?;
@@ -1419,12 +1552,21 @@ impl Engine<'_> {
     /// replay state into a live one and make listening sockets real.
     fn take_over(&mut self) -> Result<Handover, ReplayError> {
         use hotstandby_recorder::{Takeover, TakeoverState, TakeoverThread};
+        let reserved: Vec<u32> = self
+            .threads
+            .iter()
+            .filter(|(_, t)| matches!(t.st, St::Reserved { .. }))
+            .map(|(k, _)| *k)
+            .collect();
+        for tid in reserved {
+            self.unreserve(tid)?;
+        }
         let mut threads = Vec::new();
         for (rec, th) in &self.threads {
             let state = match &th.st {
                 St::Gone => continue,
                 St::Running => TakeoverState::Running,
-                St::AtEntry(_) => TakeoverState::AtEntry,
+                St::AtEntry(_) | St::Reserved { .. } => TakeoverState::AtEntry,
                 St::Ready => TakeoverState::Ready,
                 St::Blocked(r) => {
                     let nr = r.orig_rax as u32;
@@ -1483,7 +1625,11 @@ impl Engine<'_> {
         let mut connections = Vec::new();
         let mut conns = Vec::new();
         let mut resend = Vec::new();
-        for ((tgid, fd), c) in &mut self.conns {
+        for (fds, c) in self.conns.iter_mut() {
+            let Some(&(tgid, fd)) = fds.first() else {
+                continue;
+            };
+            let (tgid, fd) = (&tgid, &fd);
             let what = if !c.tail_ok {
                 "NOT rebuilt: bytes it sent with sendfile are not in the standby's tail".to_string()
             } else {
@@ -1515,7 +1661,7 @@ impl Engine<'_> {
                 }
             };
             connections.push((*fd, what));
-            conns.push(((*tgid, *fd), c.track.clone()));
+            conns.push((fds, c.track.clone()));
         }
         let sigact = self.sigact.iter().map(|(k, v)| (*k, *v)).collect();
         Ok(Handover {

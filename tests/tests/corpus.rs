@@ -316,6 +316,52 @@ fn tcp_echo_server() {
     assert_eq!(rep.stdout, rec.stdout);
 }
 
+/// A thread-per-connection server (the demo's built-in one): the main
+/// thread blocks in accept while a worker dups its connection's socket. The
+/// kernel had already reserved the fd that accept will return, so the dup
+/// got the next number; replay must reserve it too (it once diverged here).
+#[test]
+fn thread_per_connection_server_with_dup() {
+    let b = bin();
+    let s = Scratch::new("tpc");
+    let log = s.join("log");
+    let port = free_port();
+    let child = Command::new(&b)
+        .arg("record")
+        .arg("--log")
+        .arg(&log)
+        .args(["--"])
+        .arg(&b)
+        .args(["demo-server", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port);
+    let ask = |cmd: &str| {
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        write!(sock, "*2\r\n$4\r\nINCR\r\n${}\r\n{cmd}\r\n", cmd.len()).unwrap();
+        let mut line = String::new();
+        BufReader::new(sock).read_line(&mut line).unwrap();
+        line
+    };
+    for i in 1..=5 {
+        assert_eq!(ask("k"), format!(":{i}\r\n"));
+    }
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(sock, "*1\r\n$8\r\nSHUTDOWN\r\n").unwrap();
+    let rec = child.wait_with_output().unwrap();
+    assert!(rec.status.success());
+    let rep = replay(&b, &log);
+    assert_eq!(
+        rep.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&rep.stderr)
+    );
+}
+
 /// redis-server with 5 threads serves a scripted redis-cli session of
 /// 1,500 commands with random values, forks a BGSAVE child and saves on
 /// shutdown; the replay runs without any client, re-creates every reply

@@ -52,10 +52,18 @@ enum Cmd {
         #[arg(long)]
         go_live: bool,
     },
-    /// A complete failover on this machine: redis-server under `run`, a
-    /// standby following, a client writing, the primary killed, the standby
-    /// answering with every write.
+    /// A whole network takeover on this machine (root): a lab of network
+    /// namespaces, redis-server under `run` with a virtual IP, a standby,
+    /// clients with open connections; the primary host dies and the same
+    /// connections carry on with the standby.
     Demo,
+    /// The built-in INCR/GET/PING server the demo protects where
+    /// redis-server is not installed.
+    #[command(hide = true)]
+    DemoServer {
+        #[arg(long, default_value_t = 6379)]
+        port: u16,
+    },
     /// Write a node key (owner-only) and a self-signed certificate into DIR,
     /// for the mutual, pinned TLS between primary and standby.
     Keygen {
@@ -257,6 +265,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         } => logcmd::replay(&log, show_output, go_live),
         Cmd::Log { cmd } => logcmd::run(cmd),
         Cmd::Demo => demo::run(),
+        Cmd::DemoServer { port } => demo::server(port),
         Cmd::Run {
             listen,
             node: n,

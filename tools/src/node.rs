@@ -995,6 +995,9 @@ async fn follow(
                 broken = true;
             }
             if broken || session.state() == StandbyState::Disconnected {
+                if let Some(why) = conn.close_reason() {
+                    eprintln!("hotstandby: the connection to the primary ended: {why}");
+                }
                 session.handle_disconnected();
                 break;
             }
