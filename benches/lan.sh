@@ -16,9 +16,9 @@ cleanup() {
 }
 trap cleanup EXIT
 lan_up() {
+    local k n a
     for n in "$NP" "$NS" "$NC" "$SW"; do ip netns del "$n" 2>/dev/null || true; ip netns add "$n"; done
     ip -n "$SW" link add br0 type bridge; ip -n "$SW" link set br0 up
-    local k n a
     for k in p s c; do
         case $k in p) n=$NP a=1;; s) n=$NS a=2;; c) n=$NC a=3;; esac
         ip link add eth0 netns "$n" type veth peer name b$k$$ netns "$SW"

@@ -41,7 +41,6 @@ pub enum LogError {
 /// Backpressure shared between the recorder and the replication driver:
 /// when a standby is connected and holds too little of the log, appending
 /// waits, which stops the program at its next syscall.
-#[derive(Debug)]
 pub struct Throttle {
     /// Log bytes the standby has acknowledged.
     pub acked: std::sync::atomic::AtomicU64,
@@ -51,6 +50,20 @@ pub struct Throttle {
     pub max_unacked: u64,
     /// Total time spent waiting, in microseconds.
     pub waited_us: std::sync::atomic::AtomicU64,
+    /// Called after each flush: new log bytes are in the file (the
+    /// replication driver sends them at once instead of polling).
+    pub on_flush: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Throttle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Throttle")
+            .field("acked", &self.acked)
+            .field("active", &self.active)
+            .field("max_unacked", &self.max_unacked)
+            .field("waited_us", &self.waited_us)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Throttle {
@@ -60,6 +73,7 @@ impl Throttle {
             active: false.into(),
             max_unacked,
             waited_us: 0.into(),
+            on_flush: std::sync::OnceLock::new(),
         }
     }
 }
@@ -212,6 +226,9 @@ impl LogWriter {
             })?;
         self.written += self.buf.len() as u64;
         self.buf.clear();
+        if let Some(wake) = self.throttle.as_ref().and_then(|t| t.on_flush.get()) {
+            wake();
+        }
         Ok(())
     }
 

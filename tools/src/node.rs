@@ -295,6 +295,11 @@ async fn serve_primary(
         }
     };
     let mut session = Primary::new(cfg, epoch, sha);
+    let flushed = Arc::new(tokio::sync::Notify::new());
+    {
+        let f = flushed.clone();
+        let _ = throttle.on_flush.set(Box::new(move || f.notify_one()));
+    }
     eprintln!(
         "hotstandby: primary (epoch {epoch}) listening on {}; unprotected until a standby joins",
         ep.local_addr()?
@@ -309,7 +314,14 @@ async fn serve_primary(
                 session.log_appended(file.metadata()?.len());
                 write_status(
                     dir,
-                    &primary_status(&session, "unprotected", None, &throttle, 0),
+                    &primary_status(
+                        &session,
+                        "unprotected",
+                        None,
+                        &throttle,
+                        0,
+                        net.as_ref().map(|(_, g)| g),
+                    ),
                 );
                 last_status = Instant::now();
             }
@@ -333,6 +345,7 @@ async fn serve_primary(
             &throttle,
             finished,
             gate.as_ref(),
+            &flushed,
         )
         .await;
         let lost = match r {
@@ -395,8 +408,19 @@ fn primary_status(
     peer: Option<SocketAddr>,
     t: &Throttle,
     lag_ms: u128,
+    gate: Option<&Arc<Gate>>,
 ) -> String {
     let st = s.status(Instant::now());
+    let rule = match gate {
+        Some(g) => {
+            let (released, p50, p99) = g.hold_stats();
+            format!(
+                "output rule: {} packets held now, {released} released; recent hold p50 {p50} us, p99 {p99} us\n",
+                g.held()
+            )
+        }
+        None => "output rule: off (no --vip)\n".into(),
+    };
     let protection = match s.state() {
         PrimaryState::Protected => "PROTECTED",
         PrimaryState::CatchingUp => "standby catching up (not yet protected)",
@@ -413,7 +437,7 @@ fn primary_status(
         st.last_heard.map(|d| format!("{} ms ago", d.as_millis())).unwrap_or_else(|| "never".into()),
         t.waited_us.load(Relaxed) / 1000,
         st.log_bytes,
-    )
+    ) + &rule
 }
 
 async fn send(
@@ -436,6 +460,7 @@ async fn send(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_one(
     conn: &Connection,
     dir: &Path,
@@ -444,6 +469,7 @@ async fn serve_one(
     throttle: &Throttle,
     finished: &(dyn Fn() -> bool + Sync),
     gate: Option<&Arc<Gate>>,
+    flushed: &tokio::sync::Notify,
 ) -> anyhow::Result<Served> {
     let mut protected = false;
     let peer = conn.remote_address();
@@ -487,6 +513,7 @@ async fn serve_one(
                     }
                 }
             }
+            _ = flushed.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(1)) => {}
         }
         let now = Instant::now();
@@ -521,6 +548,7 @@ async fn serve_one(
                     Some(peer),
                     throttle,
                     clock.ms(session.acked(), now),
+                    gate,
                 ),
             );
             last_status = now;
