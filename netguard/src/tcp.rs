@@ -26,6 +26,9 @@ const TCPOPT_MSS: u32 = 2;
 const TCPOPT_WINDOW: u32 = 3;
 const TCPOPT_SACK_PERM: u32 = 4;
 const TCPOPT_TIMESTAMP: u32 = 8;
+/// Added to the estimated timestamp clock of a rebuilt connection: the
+/// clocks of primary and standby must agree within this (NTP does).
+pub const TS_MARGIN_MS: u32 = 100;
 /// `tcpi_options` bits.
 pub const TCPI_OPT_TIMESTAMPS: u8 = 1;
 pub const TCPI_OPT_SACK: u8 = 2;
@@ -366,6 +369,16 @@ pub fn rebuild(fd: BorrowedFd<'_>, c: &TcpConn, p: Progress<'_>) -> Result<(), N
     {
         return Err(os("bind (repair)"));
     }
+    // The MSS must be known at connect, which sizes segments from it.
+    // (TCP_MAXSEG accepts at most 32767; the repair option below sets the
+    // exact value.)
+    set(
+        fd,
+        ip,
+        libc::TCP_MAXSEG,
+        &(c.mss.min(32767) as i32),
+        "TCP_MAXSEG",
+    )?;
     // SAFETY: c.remote holds sockaddr bytes of the given length. In repair
     // mode connect sends nothing and makes the socket established.
     if unsafe {
@@ -404,11 +417,17 @@ pub fn rebuild(fd: BorrowedFd<'_>, c: &TcpConn, p: Progress<'_>) -> Result<(), N
     set_slice(fd, ip, TCP_REPAIR_OPTIONS, &opts, "TCP_REPAIR_OPTIONS")?;
     if c.options & TCPI_OPT_TIMESTAMPS != 0 {
         // At or above the last value the old primary can have sent: its
-        // clock then, plus the wall time since, plus a margin for clock
-        // differences between the hosts (the client only rejects values
-        // that go backwards).
+        // clock then, plus the wall time since, plus a small margin for
+        // clock differences between the hosts (the client only rejects
+        // values that go backwards). Not more: the client's first
+        // acknowledgements echo the old primary's last value, and the gap
+        // becomes this socket's first RTT sample (a 10 s margin meant a
+        // 30 s retransmission timeout).
         let elapsed = wall_ms().saturating_sub(c.wall_ms);
-        let ts = c.tsval.wrapping_add(elapsed as u32).wrapping_add(10_000);
+        let ts = c
+            .tsval
+            .wrapping_add(elapsed as u32)
+            .wrapping_add(TS_MARGIN_MS);
         set(fd, ip, TCP_TIMESTAMP, &ts, "TCP_TIMESTAMP")?;
     }
     // The bytes the client may lack go into the send queue as already
