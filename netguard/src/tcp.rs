@@ -314,6 +314,9 @@ pub struct Progress<'a> {
     pub written: u64,
     /// The last bytes it wrote (the client may lack any of them).
     pub tail: &'a [u8],
+    /// Wall clock (ms) by which the old primary had certainly stopped
+    /// sending (when it was declared lost).
+    pub lost_ms: u64,
 }
 
 /// Rebuild the connection `c` in place on `fd` (a duplicate of the
@@ -417,13 +420,14 @@ pub fn rebuild(fd: BorrowedFd<'_>, c: &TcpConn, p: Progress<'_>) -> Result<(), N
     set_slice(fd, ip, TCP_REPAIR_OPTIONS, &opts, "TCP_REPAIR_OPTIONS")?;
     if c.options & TCPI_OPT_TIMESTAMPS != 0 {
         // At or above the last value the old primary can have sent: its
-        // clock then, plus the wall time since, plus a small margin for
-        // clock differences between the hosts (the client only rejects
-        // values that go backwards). Not more: the client's first
+        // clock when it was declared lost, plus a small margin for clock
+        // differences between the hosts (the client only rejects values
+        // that go backwards). Not more: the client's first
         // acknowledgements echo the old primary's last value, and the gap
         // becomes this socket's first RTT sample (a 10 s margin meant a
-        // 30 s retransmission timeout).
-        let elapsed = wall_ms().saturating_sub(c.wall_ms);
+        // 30 s retransmission timeout; counting the replay and rebuild time
+        // too made a slow takeover's connections slow to retransmit).
+        let elapsed = p.lost_ms.saturating_sub(c.wall_ms);
         let ts = c
             .tsval
             .wrapping_add(elapsed as u32)

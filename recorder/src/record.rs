@@ -282,8 +282,11 @@ pub struct Takeover {
     pub threads: Vec<TakeoverThread>,
     /// Per live tgid: signal dispositions (handler, flags) tracked by replay.
     pub sigact: Vec<(i32, [(u64, u64); 65])>,
-    /// The program's TCP connections, rebuilt or not, by (live tgid, fd).
+    /// The program's TCP connections, rebuilt or not, with all their
+    /// (live tgid, fd) aliases.
     pub conns: Vec<(Vec<(i32, i32)>, ConnTrack)>,
+    /// Ports of the program's listening sockets (for the output rule).
+    pub listening: Vec<u16>,
 }
 
 /// Let a replayed program continue for real from where its log ends,
@@ -295,6 +298,11 @@ pub fn continue_live(
 ) -> Result<RecordOutcome, RecordError> {
     forward_signals(t.leader);
     let mut r = Recorder::new(log, t.leader);
+    if let Some(g) = &gate {
+        for p in &t.listening {
+            g.listening(*p);
+        }
+    }
     for (fds, c) in &t.conns {
         if let (Some(g), Some(key)) = (&gate, c.key) {
             g.adopt(key, c.conn.snd_base, c.conn.rcv_base, c.written, c.read);

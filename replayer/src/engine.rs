@@ -70,6 +70,8 @@ pub struct LiveFeed {
     pub replayed: std::sync::atomic::AtomicU64,
     /// Log bytes replayed so far (end of the last frame read).
     pub position: std::sync::atomic::AtomicU64,
+    /// Wall clock (ms since the epoch) when the primary was declared lost.
+    pub lost_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A program handed over to live execution at the end of its log.
@@ -1604,7 +1606,11 @@ impl Engine<'_> {
             });
         }
         let mut listeners = Vec::new();
+        let mut listening = Vec::new();
         for ((tgid, fd), setup) in &self.sockets {
+            if setup.backlog.is_some() && setup.addr.len() >= 4 {
+                listening.push(u16::from_be_bytes([setup.addr[2], setup.addr[3]]));
+            }
             if setup.addr.is_empty() && setup.backlog.is_none() {
                 continue;
             }
@@ -1624,6 +1630,12 @@ impl Engine<'_> {
         // (a packet for an unknown connection is answered with a reset).
         let mut connections = Vec::new();
         let mut conns = Vec::new();
+        let lost_ms = match &self.opts.live {
+            Some(f) if f.lost_ms.load(std::sync::atomic::Ordering::Relaxed) > 0 => {
+                f.lost_ms.load(std::sync::atomic::Ordering::Relaxed)
+            }
+            _ => hotstandby_netguard::tcp::wall_ms(),
+        };
         let mut resend = Vec::new();
         for (fds, c) in self.conns.iter_mut() {
             let Some(&(tgid, fd)) = fds.first() else {
@@ -1642,6 +1654,7 @@ impl Engine<'_> {
                             read: c.track.read,
                             written: c.track.written,
                             tail,
+                            lost_ms,
                         };
                         match hotstandby_netguard::tcp::rebuild(dup.as_fd(), &c.track.conn, p) {
                             Ok(()) => {
@@ -1670,6 +1683,7 @@ impl Engine<'_> {
                 threads,
                 sigact,
                 conns,
+                listening,
             },
             connections,
             resend,

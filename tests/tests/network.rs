@@ -437,7 +437,25 @@ fn nginx_keeps_wrk_and_a_download_across_failover() {
     );
     assert!(!wout.contains("Non-2xx"), "{wout}");
     let d = download.wait(90);
-    assert!(d.status.success(), "the download failed: {:?}", d.status);
+    if !d.status.success() {
+        // What the connections looked like, to tell a stall from slowness.
+        for ns in [&net.lan.client_ns, &net.lan.standby_ns] {
+            let o = Command::new("ip")
+                .args(["netns", "exec", ns, "ss", "-tnio"])
+                .output()
+                .unwrap();
+            eprintln!("--- ss in {ns}\n{}", String::from_utf8_lossy(&o.stdout));
+        }
+        let have = std::fs::metadata(&got).map(|m| m.len()).unwrap_or(0);
+        let _ = net.standby.0.as_mut().map(|c| c.kill());
+        let so = net.standby.wait(30);
+        panic!(
+            "the download failed ({:?}) with {have} of {} bytes; standby:\n{}",
+            d.status,
+            50 << 20,
+            String::from_utf8_lossy(&so.stderr)
+        );
+    }
     let bytes = std::fs::read(&got).unwrap();
     assert_eq!(bytes.len(), 50 << 20, "download length");
     assert_eq!(sha256_hex(&bytes), want, "download checksum");

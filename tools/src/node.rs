@@ -870,6 +870,8 @@ async fn follow(
                                 "hotstandby: the primary at {primary} is gone (silent for {} ms)",
                                 t.elapsed().as_millis()
                             );
+                            feed.lost_ms
+                                .store(hotstandby_netguard::tcp::wall_ms(), Relaxed);
                             feed.lost.store(true, Relaxed);
                             return Ok(true);
                         }
@@ -964,6 +966,8 @@ async fn follow(
                     "hotstandby: no heartbeat from the primary for {} ms: taking over",
                     cfg.timeout.as_millis()
                 );
+                feed.lost_ms
+                    .store(hotstandby_netguard::tcp::wall_ms(), Relaxed);
                 feed.lost.store(true, Relaxed);
                 conn.close(0u32.into(), b"primary lost");
                 return Ok(true);

@@ -55,6 +55,7 @@ fn capture_then_rebuild_carries_on() {
             read: 5,
             written: 6,
             tail: b"abcdef",
+            lost_ms: wall_ms(),
         },
     )
     .unwrap();
@@ -96,6 +97,7 @@ fn rebuild_with_wrong_read_count_loses_the_stream() {
             read: 1000,
             written: 0,
             tail: b"",
+            lost_ms: wall_ms(),
         },
     )
     .unwrap();
