@@ -1533,7 +1533,11 @@ impl Engine<'_> {
                     if let Some(c) = self.conns.get_mut((tgid, fd)) {
                         if wrote {
                             c.track.written += n;
-                            let data = model::written_bytes(live, s.nr, a, s.ret)?;
+                            let data = if s.nr as i64 == libc::SYS_sendfile {
+                                sendfile_bytes(live, tgid, a, n)
+                            } else {
+                                model::written_bytes(live, s.nr, a, s.ret)?
+                            };
                             if data.len() as u64 != n {
                                 c.tail_ok = false;
                             }
@@ -1643,7 +1647,7 @@ impl Engine<'_> {
             };
             let (tgid, fd) = (&tgid, &fd);
             let what = if !c.tail_ok {
-                "NOT rebuilt: bytes it sent with sendfile are not in the standby's tail".to_string()
+                "NOT rebuilt: bytes it sent could not be read back for the standby's tail (sendfile without an offset?)".to_string()
             } else {
                 let tail: &[u8] = c.tail.make_contiguous();
                 let tail = &tail[tail.len().saturating_sub(c.track.written as usize)..];
@@ -1763,6 +1767,31 @@ impl Engine<'_> {
 
 /// For a read of the program's own pipe or file that returned bytes: how
 /// many to ask for on replay.
+/// The bytes a replayed `sendfile(conn, file, &offset, n)` sent: read from
+/// the standby's own copy of the file at the offset the program passed
+/// (still in its memory: the call's outputs are written after this). A
+/// NULL offset (the file position) or a read error gives nothing, and the
+/// connection is then not rebuilt.
+fn sendfile_bytes(live: i32, tgid: i32, a: &[u64; 6], n: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    if a[2] == 0 {
+        return Vec::new();
+    }
+    let Ok(off) = sys::read_mem(live, a[2], 8) else {
+        return Vec::new();
+    };
+    let off = u64::from_le_bytes(off[..8].try_into().expect("8 bytes"));
+    let Ok(fd) = sys::dup_from(tgid, a[1] as i32) else {
+        return Vec::new();
+    };
+    let f = std::fs::File::from(fd);
+    let mut buf = vec![0u8; n as usize];
+    match f.read_exact_at(&mut buf, off) {
+        Ok(()) => buf,
+        Err(_) => Vec::new(),
+    }
+}
+
 fn read_fill(s: &SyscallEvent) -> Option<u64> {
     let fill = s.mode == Mode::Executed
         && s.ret > 0

@@ -225,7 +225,8 @@ fn parse_seen(out: &str) -> Seen {
     }
 }
 
-/// Node output: shown with HS_DEBUG set, else kept for the assertions.
+/// Node output: shown with HS_DEBUG set (the assertions on it then fail),
+/// else kept for the assertions.
 fn debug_or_piped() -> Stdio {
     if std::env::var_os("HS_DEBUG").is_some() {
         Stdio::inherit()
@@ -354,8 +355,9 @@ fn primary_serves_alone_when_its_standby_dies() {
     );
 }
 
-/// nginx (Debian's, one process) under wrk with keep-alive through the
-/// virtual IP, and a 50 MB download in flight, while the primary host dies:
+/// nginx (Debian's, one process, sendfile on as by default) under wrk with
+/// keep-alive through the virtual IP, and a 50 MB download in flight, while
+/// the primary host dies:
 /// wrk reports no socket error and the download completes with the right
 /// checksum. The tail the standby sends again (up to tcp_wmem's maximum)
 /// covers what the dead primary's socket had not delivered.
@@ -377,7 +379,7 @@ fn nginx_keeps_wrk_and_a_download_across_failover() {
     let conf = format!(
         "worker_processes 1;\nmaster_process off;\ndaemon off;\nerror_log stderr warn;\npid {a}/nginx.pid;\n\
          events {{ worker_connections 512; }}\n\
-         http {{ access_log off; sendfile off; keepalive_requests 1000000; keepalive_timeout 300s;\n\
+         http {{ access_log off; sendfile on; keepalive_requests 1000000; keepalive_timeout 300s;\n\
          client_body_temp_path {a}/body; proxy_temp_path {a}/proxy; fastcgi_temp_path {a}/fcgi;\n\
          uwsgi_temp_path {a}/uwsgi; scgi_temp_path {a}/scgi;\n\
          server {{ listen 8080; root {www}; }} }}\n",
