@@ -158,15 +158,7 @@ impl Queue {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         loop {
             self.wait(100)?;
-            // SAFETY: buf is writable for its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr() as *mut libc::c_void,
-                    self.buf.len(),
-                    0,
-                )
-            };
+            let n = self.recv_raw();
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::EAGAIN) && std::time::Instant::now() < deadline {
@@ -207,6 +199,19 @@ impl Queue {
         Ok(())
     }
 
+    /// One non-blocking receive into the buffer (bytes, or -1 with errno).
+    fn recv_raw(&mut self) -> isize {
+        // SAFETY: buf is writable for its length.
+        unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                self.buf.as_mut_ptr() as *mut libc::c_void,
+                self.buf.len(),
+                0,
+            )
+        }
+    }
+
     /// Wait up to `ms` for packets (or forever with -1).
     pub fn wait(&self, ms: i32) -> Result<bool, NetError> {
         let mut p = libc::pollfd {
@@ -225,15 +230,7 @@ impl Queue {
     /// Receive the packets waiting now (none if there are none).
     pub fn recv(&mut self, into: &mut Vec<Packet>) -> Result<(), NetError> {
         loop {
-            // SAFETY: buf is writable for its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr() as *mut libc::c_void,
-                    self.buf.len(),
-                    0,
-                )
-            };
+            let n = self.recv_raw();
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 match e.raw_os_error() {

@@ -124,6 +124,31 @@ fn get<T: Default>(
     Ok(v)
 }
 
+/// bind(2) or connect(2) with sockaddr bytes.
+fn with_addr(
+    fd: BorrowedFd<'_>,
+    addr: &[u8],
+    call: unsafe extern "C" fn(i32, *const libc::sockaddr, libc::socklen_t) -> i32,
+    step: &'static str,
+) -> Result<(), NetError> {
+    if addr.len() < 2 {
+        return Err(NetError::Invalid(format!("{step}: no address recorded")));
+    }
+    // SAFETY: addr is a live buffer of sockaddr bytes of the length passed;
+    // the kernel checks the family and length.
+    if unsafe {
+        call(
+            fd.as_raw_fd(),
+            addr.as_ptr() as *const libc::sockaddr,
+            addr.len() as u32,
+        )
+    } != 0
+    {
+        return Err(os(step));
+    }
+    Ok(())
+}
+
 fn inq(fd: BorrowedFd<'_>) -> Result<u32, NetError> {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int to the pointer given.
@@ -331,6 +356,12 @@ pub fn rebuild(fd: BorrowedFd<'_>, c: &TcpConn, p: Progress<'_>) -> Result<(), N
             p.written
         )));
     }
+    if c.local.len() < 8 || c.remote.len() < 8 {
+        return Err(NetError::Invalid(format!(
+            "connection on fd {}: the log holds no usable addresses",
+            c.fd
+        )));
+    }
     let snd = c.snd_base.wrapping_add((p.written - tail) as u32);
     let rcv = c.rcv_base.wrapping_add(p.read as u32);
     let ip = libc::IPPROTO_TCP;
@@ -361,17 +392,7 @@ pub fn rebuild(fd: BorrowedFd<'_>, c: &TcpConn, p: Progress<'_>) -> Result<(), N
         (libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT)
     };
     set(fd, lvl, opt, &1i32, "IP_TRANSPARENT")?;
-    // SAFETY: c.local holds sockaddr bytes of the given length.
-    if unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            c.local.as_ptr() as *const libc::sockaddr,
-            c.local.len() as u32,
-        )
-    } != 0
-    {
-        return Err(os("bind (repair)"));
-    }
+    with_addr(fd, &c.local, libc::bind, "bind (repair)")?;
     // The MSS must be known at connect, which sizes segments from it.
     // (TCP_MAXSEG accepts at most 32767; the repair option below sets the
     // exact value.)
@@ -382,18 +403,8 @@ pub fn rebuild(fd: BorrowedFd<'_>, c: &TcpConn, p: Progress<'_>) -> Result<(), N
         &(c.mss.min(32767) as i32),
         "TCP_MAXSEG",
     )?;
-    // SAFETY: c.remote holds sockaddr bytes of the given length. In repair
-    // mode connect sends nothing and makes the socket established.
-    if unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            c.remote.as_ptr() as *const libc::sockaddr,
-            c.remote.len() as u32,
-        )
-    } != 0
-    {
-        return Err(os("connect (repair)"));
-    }
+    // In repair mode connect sends nothing and makes the socket established.
+    with_addr(fd, &c.remote, libc::connect, "connect (repair)")?;
     set(fd, lvl, opt, &0i32, "IP_TRANSPARENT off")?;
     let mut opts = vec![RepairOpt {
         code: TCPOPT_MSS,
