@@ -409,16 +409,47 @@ pub fn dup_from(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd, SysError> {
 }
 
 /// Re-create a recorded listening socket on the supervisor's duplicate of
-/// the program's placeholder: socket options, bind (to the same port on any
-/// address when the recorded address is not on this host), listen.
+/// the program's placeholder: socket options, bind (to the virtual IP even
+/// before it is here, when that is the recorded address; to the same port
+/// on any address when the recorded address is not on this host), listen.
 pub fn make_listening(
     sock: &std::os::fd::OwnedFd,
     opts: &[(i32, i32, Vec<u8>)],
     addr: &[u8],
     backlog: Option<i32>,
+    freebind_on: Option<std::net::IpAddr>,
 ) -> Result<(), std::io::Error> {
     use std::os::fd::AsRawFd;
     let fd = sock.as_raw_fd();
+    let family = if addr.len() >= 2 {
+        u16::from_le_bytes([addr[0], addr[1]]) as i32
+    } else {
+        0
+    };
+    let bound_ip: Option<std::net::IpAddr> = match family {
+        libc::AF_INET if addr.len() >= 8 => {
+            Some(std::net::Ipv4Addr::new(addr[4], addr[5], addr[6], addr[7]).into())
+        }
+        libc::AF_INET6 if addr.len() >= 24 => {
+            let a: [u8; 16] = addr[8..24].try_into().expect("16 bytes");
+            Some(std::net::Ipv6Addr::from(a).into())
+        }
+        _ => None,
+    };
+    if bound_ip.is_some() && bound_ip == freebind_on {
+        // The virtual IP: bind to it before it is on this host.
+        let one: i32 = 1;
+        // SAFETY: one is a live int of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                libc::IP_FREEBIND,
+                &one as *const i32 as *const libc::c_void,
+                4,
+            );
+        }
+    }
     for (level, name, val) in opts {
         // SAFETY: val is a live buffer of the given length.
         unsafe {

@@ -59,6 +59,10 @@ pub struct ReplayOptions {
     /// Bind this directory over the recorded data directory (a standby's
     /// own copy of the program's files) instead of a snapshot from the log.
     pub data_dir: Option<PathBuf>,
+    /// The virtual IP this host takes when it goes live: a listening socket
+    /// the program bound to it is bound to it again (IP_FREEBIND), although
+    /// the address arrives only after the sockets are ready.
+    pub vip: Option<std::net::IpAddr>,
 }
 
 /// Shared between a standby's network side and its replay.
@@ -1619,8 +1623,13 @@ impl Engine<'_> {
                 continue;
             }
             let what = match sys::dup_from(*tgid, *fd) {
-                Ok(dup) => match sys::make_listening(&dup, &setup.opts, &setup.addr, setup.backlog)
-                {
+                Ok(dup) => match sys::make_listening(
+                    &dup,
+                    &setup.opts,
+                    &setup.addr,
+                    setup.backlog,
+                    self.opts.vip,
+                ) {
                     Ok(()) => "listening".to_string(),
                     Err(e) => format!("could not be made real: {e}"),
                 },

@@ -808,6 +808,13 @@ fn the_virtual_ip_moves_to_the_standby() {
         t.elapsed().as_millis()
     );
     assert_eq!(cli(&["get", "counter"]), "100");
+    // Bound to the virtual IP again (not to every address of the host).
+    let ss = Command::new("ip")
+        .args(["netns", "exec", &lan.standby_ns, "ss", "-ltnH"])
+        .output()
+        .unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    assert!(ss.contains("198.51.100.10:6390"), "{ss}");
     for i in 0..100 {
         assert_eq!(cli(&["get", &format!("k{i}")]), format!("v{i}"));
     }

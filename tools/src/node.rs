@@ -791,6 +791,7 @@ fn start_replay(
             go_live: true,
             live: Some(feed),
             data_dir,
+            vip: net.as_ref().and_then(|(v, _)| v.ip().parse().ok()),
         };
         let out = hotstandby_replayer::replay(&log, &opts)?;
         let Some(h) = out.handover else {
