@@ -484,3 +484,64 @@ fn sha256_hex(b: &[u8]) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// The output rule at work: while the standby is frozen (SIGSTOP: it
+/// acknowledges nothing), a reply the primary's redis has written does not
+/// leave the primary host; once the primary gives the standby up (timeout,
+/// then the ARP probe finds nobody else holding the virtual IP) the held
+/// reply is released and the same connection gets it.
+#[test]
+fn replies_wait_for_the_standby() {
+    use std::io::{Read, Write};
+    let mut net = Net::start("hold", &[]);
+    let ns = net.lan.client_ns.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // A client thread inside the client host's network namespace.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let client = std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns");
+        let mut s = std::net::TcpStream::connect((VIP, 6390)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 64];
+        s.write_all(b"*2\r\n$4\r\nINCR\r\n$1\r\nh\r\n").unwrap();
+        let n = s.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b":1\r\n", "before the freeze");
+        go_rx.recv().unwrap();
+        let t = Instant::now();
+        s.write_all(b"*2\r\n$4\r\nINCR\r\n$1\r\nh\r\n").unwrap();
+        let n = s.read(&mut buf).unwrap();
+        tx.send((buf[..n].to_vec(), t.elapsed())).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let sp = net.standby.pid();
+    // SAFETY: kill takes plain integers; the pid is our child's.
+    unsafe { libc::kill(sp, libc::SIGSTOP) };
+    go_tx.send(()).unwrap();
+    // Held: nothing within a second (the primary is still waiting for the
+    // standby and then probing for 2 s).
+    assert!(
+        rx.recv_timeout(Duration::from_secs(1)).is_err(),
+        "a reply left the primary while the standby acknowledged nothing"
+    );
+    let (reply, waited) = rx.recv_timeout(Duration::from_secs(15)).expect("released");
+    assert_eq!(reply, b":2\r\n");
+    eprintln!("reply held {} ms", waited.as_millis());
+    client.join().unwrap();
+    wait_until("the primary to say it is unprotected", 10, || {
+        status(&net.b, &net.s.join("lp")).contains("UNPROTECTED")
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(sp, libc::SIGKILL) };
+    net.standby.wait(10);
+    net.cli(&["shutdown", "nosave"]);
+    let po = net.primary.wait(30);
+    assert_eq!(
+        po.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&po.stderr)
+    );
+}
