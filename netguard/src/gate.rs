@@ -61,7 +61,13 @@ struct Conn {
     writes: VecDeque<(u64, u64)>,
     reads: VecDeque<(u64, u64)>,
     closed_at: Option<u64>,
+    /// When the close was reported (the entry is forgotten a while later).
+    closed_when: Option<Instant>,
 }
+
+/// How long a closed connection (or an unaccepted handshake) is remembered:
+/// its last FIN/ACK exchanges and retransmissions (Linux's TIME_WAIT).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Conn {
     /// `seq` as a count of bytes from `base`, near `total` (handles wrap).
@@ -126,14 +132,35 @@ struct State {
     acked: u64,
     conns: HashMap<Key, Conn>,
     listening: HashSet<u16>,
-    /// Client sequence base (ack of our SYN-ACK) of handshakes not yet accepted.
-    handshakes: HashMap<Key, u32>,
+    /// Client sequence base (ack of our SYN-ACK) of handshakes not yet
+    /// accepted, and when seen.
+    handshakes: HashMap<Key, (u32, Instant)>,
     /// Packets held, in arrival order.
     held: VecDeque<(Packet, Option<Tcp>, Instant)>,
     stop: Option<bool>,
     released: u64,
     /// Recent hold times of released packets (µs), for the status line.
     hold_us: VecDeque<u32>,
+    last_forget: Option<Instant>,
+}
+
+impl State {
+    /// Drop connections closed (and acknowledged, when protected) more than
+    /// [`LINGER`] ago, and handshakes never accepted: a long-running server
+    /// must not accumulate them.
+    fn forget(&mut self, now: Instant) {
+        self.last_forget = Some(now);
+        let (acked, protected) = (self.acked, self.protected);
+        self.conns.retain(|_, c| {
+            let old = c
+                .closed_when
+                .is_some_and(|t| now.duration_since(t) > LINGER);
+            let logged = c.closed_at.is_some_and(|o| o <= acked || !protected);
+            !(old && logged)
+        });
+        self.handshakes
+            .retain(|_, (_, t)| now.duration_since(*t) <= LINGER);
+    }
 }
 
 /// Why a packet waits (or None: it may leave).
@@ -143,7 +170,7 @@ fn needs(s: &State, t: &Tcp) -> Option<u64> {
             return Some(0);
         }
         // A connection the program has not accepted yet.
-        let hs = s.handshakes.get(&t.key);
+        let hs = s.handshakes.get(&t.key).map(|(a, _)| a);
         if t.data == 0 && !t.fin && (t.rst || hs.is_none() || Some(&t.ack) == hs) {
             return Some(0);
         }
@@ -270,6 +297,7 @@ impl Gate {
                 writes: VecDeque::from([(0, written)]),
                 reads: VecDeque::from([(0, read)]),
                 closed_at: None,
+                closed_when: None,
             },
         );
     }
@@ -278,7 +306,15 @@ impl Gate {
     /// says so ends at log `offset`.
     pub fn io(&self, key: Key, wrote: bool, n: u64, offset: u64) {
         let mut s = self.lock();
+        let keep_history = s.protected;
         if let Some(c) = s.conns.get_mut(&key) {
+            if !keep_history {
+                // Unprotected: no acknowledgement will prune the history;
+                // the latest record alone is what matters (and suffices,
+                // conservatively, if a standby joins).
+                c.writes.clear();
+                c.reads.clear();
+            }
             if wrote {
                 c.written += n;
                 c.writes.push_back((offset, c.written));
@@ -297,6 +333,7 @@ impl Gate {
         for (k, c) in s.conns.iter_mut() {
             if key.is_none_or(|x| x == *k) && c.closed_at.is_none() {
                 c.closed_at = Some(offset);
+                c.closed_when = Some(Instant::now());
             }
         }
         drop(s);
@@ -368,10 +405,15 @@ impl Gate {
                     let t = parse(&p);
                     if let Some(t) = &t {
                         if t.syn && t.has_ack && !s.conns.contains_key(&t.key) {
-                            s.handshakes.insert(t.key, t.ack);
+                            s.handshakes.insert(t.key, (t.ack, now));
                         }
                     }
                     s.held.push_back((p, t, now));
+                }
+                if s.last_forget
+                    .is_none_or(|t| now.duration_since(t) > std::time::Duration::from_secs(1))
+                {
+                    s.forget(now);
                 }
                 let stop = s.stop;
                 let mut keep = VecDeque::with_capacity(s.held.len());

@@ -404,6 +404,17 @@ impl Guard {
     pub fn pid(&self) -> i32 {
         self.0.as_ref().expect("running").id() as i32
     }
+    /// Wait, and fail with its stderr unless it exited with status 0.
+    pub fn wait_ok(&mut self, secs: u64) -> std::process::Output {
+        let o = self.wait(secs);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    }
     pub fn wait(&mut self, secs: u64) -> std::process::Output {
         let c = self.0.take().expect("running");
         let pid = c.id();

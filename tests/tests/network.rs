@@ -321,13 +321,7 @@ fn partitioned_primary_steps_down_without_answering() {
     let seen = c.finish();
     assert_values(&net, &seen);
     net.cli(&["shutdown", "nosave"]);
-    let so = net.standby.wait(30);
-    assert_eq!(
-        so.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&so.stderr)
-    );
+    net.standby.wait_ok(30);
 }
 
 /// A primary whose standby really died carries on alone after a bounded
@@ -346,13 +340,7 @@ fn primary_serves_alone_when_its_standby_dies() {
         status(&net.b, &net.s.join("lp")).contains("UNPROTECTED")
     });
     net.cli(&["shutdown", "nosave"]);
-    let po = net.primary.wait(30);
-    assert_eq!(
-        po.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&po.stderr)
-    );
+    net.primary.wait_ok(30);
 }
 
 /// nginx (Debian's, one process, sendfile on as by default) under wrk with
@@ -537,11 +525,5 @@ fn replies_wait_for_the_standby() {
     unsafe { libc::kill(sp, libc::SIGKILL) };
     net.standby.wait(10);
     net.cli(&["shutdown", "nosave"]);
-    let po = net.primary.wait(30);
-    assert_eq!(
-        po.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&po.stderr)
-    );
+    net.primary.wait_ok(30);
 }

@@ -83,7 +83,7 @@ fn handshake_leaves_but_early_data_ack_waits_for_accept() {
     let mut syn = pkt(999, 5000, 0, 0x02);
     syn.has_ack = true;
     assert_eq!(needs(&s, &syn), Some(0));
-    s.handshakes.insert(K, 5000);
+    s.handshakes.insert(K, (5000, Instant::now()));
     assert_eq!(needs(&s, &pkt(1000, 5000, 0, 0)), Some(0));
     assert_eq!(
         needs(&s, &pkt(1000, 5010, 0, 0)),
@@ -116,4 +116,42 @@ fn keys_from_v4_and_mapped_v6() {
     v6.extend([0xff, 0xff, 198, 51, 100, 3]);
     v6.extend([0; 4]);
     assert_eq!(key_of(&v4, &v6), Some(K));
+}
+
+#[test]
+fn closed_connections_and_stale_handshakes_are_forgotten() {
+    let mut s = state();
+    let t0 = Instant::now();
+    s.handshakes.insert((1, 2, 3, 4), (9, t0));
+    let c = s.conns.get_mut(&K).unwrap();
+    c.closed_at = Some(100);
+    c.closed_when = Some(t0);
+    s.forget(t0 + LINGER / 2);
+    assert!(
+        s.conns.contains_key(&K),
+        "kept while it may still exchange FIN/ACK"
+    );
+    s.forget(t0 + LINGER * 2);
+    assert!(
+        s.conns.contains_key(&K),
+        "kept: the standby has not acknowledged the close"
+    );
+    s.acked = 100;
+    s.forget(t0 + LINGER * 2);
+    assert!(!s.conns.contains_key(&K));
+    assert!(s.handshakes.is_empty());
+}
+
+#[test]
+fn unprotected_history_stays_one_record_long() {
+    let g = Gate::new().unwrap();
+    g.listening(6379);
+    g.accepted(K, 1000, 5000);
+    for i in 1..=1000u64 {
+        g.io(K, true, 1, i * 16);
+    }
+    let s = g.lock();
+    let c = s.conns.get(&K).unwrap();
+    assert_eq!(c.writes.len(), 1);
+    assert_eq!(c.writes[0], (16_000, 1000));
 }
