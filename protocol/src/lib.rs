@@ -5,9 +5,11 @@
 //! validated records. Reading files, mapping memory and talking to the kernel
 //! belong to `hotstandby-recorder` and `hotstandby-replayer`.
 
+pub mod decide;
 pub mod frame;
 pub mod record;
 pub mod session;
+pub mod shadow;
 pub mod sysmodel;
 pub mod wire;
 

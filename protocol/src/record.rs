@@ -31,6 +31,9 @@ pub struct Identity {
     pub hostname: String,
     /// umask at start.
     pub umask: u32,
+    /// Fingerprint of the syscall model the recorder decided with
+    /// (`sysmodel::fingerprint`): replay under another model is refused.
+    pub model: [u8; 32],
     /// Wall-clock start, ns since the epoch (informational).
     pub start_unix_ns: u64,
     /// Data directory whose files replay reads for real (informational).

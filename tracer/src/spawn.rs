@@ -1,6 +1,7 @@
 //! Starting a program under the supervisor, identically for record and
-//! replay: same argv, env, cwd, umask, `ADDR_NO_RANDOMIZE`, rdtsc trapping,
-//! the seccomp filter, and no vDSO.
+//! replay: its own PID, IPC and mount namespaces (so pids, SysV ids and
+//! /proc paths are the same on both sides), same argv, env, cwd, umask,
+//! `ADDR_NO_RANDOMIZE`, rdtsc trapping, the seccomp filter, and no vDSO.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -15,6 +16,7 @@ use thiserror::Error;
 
 use crate::seccomp::{self, SeccompError};
 use crate::sys::{self, ChildSetup, SysError};
+use crate::task::{Stopped, Tid};
 
 /// Errors starting a tracee.
 #[derive(Debug, Error)]
@@ -41,6 +43,9 @@ pub enum SpawnError {
     /// The child exited before exec completed (its message is on stderr).
     #[error("the program could not be started (exit status {0})")]
     ExecFailed(i32),
+    /// The program's id in its PID namespace could not be read.
+    #[error("cannot read the program's pid in its PID namespace from /proc")]
+    Namespace,
 }
 
 /// Resolve a command name like execvp does.
@@ -123,7 +128,8 @@ pub fn identity(
             .map(|u| u.nodename().to_string_lossy().into_owned())
             .unwrap_or_default(),
         umask,
-        start_unix_ns: crate::logfile::now_unix_ns(),
+        model: hotstandby_protocol::sysmodel::fingerprint(),
+        start_unix_ns: now_unix_ns(),
         data_dir: data_dir
             .map(|d| d.as_os_str().as_bytes().to_vec())
             .unwrap_or_default(),
@@ -146,13 +152,35 @@ pub fn recorded_env() -> Vec<Vec<u8>> {
     env
 }
 
+/// Wall clock, ns since the epoch.
+pub fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 fn cstr(b: &[u8]) -> Result<CString, SpawnError> {
     CString::new(b.to_vec()).map_err(|_| SpawnError::Nul)
 }
 
-/// Start the program an identity describes, stopped right after its
-/// execve with the vDSO hidden. Returns its pid.
-pub fn spawn(id: &Identity, bind: Option<(&Path, &Path)>) -> Result<i32, SpawnError> {
+/// A program started under the supervisor.
+#[derive(Debug)]
+pub struct Spawned {
+    /// The program's main thread (supervisor's id), stopped right after
+    /// its execve with the vDSO hidden.
+    pub task: Stopped,
+    /// Its pid in its own PID namespace (2: the init is 1).
+    pub ns_pid: u32,
+    /// The init's pid (supervisor's id); not traced.
+    pub init: Tid,
+}
+
+/// Start the program an identity describes, in its own PID, IPC and mount
+/// namespaces (see [`sys::fork_tracee`]), stopped right after its execve.
+pub fn spawn(id: &Identity, bind: Option<(&Path, &Path)>) -> Result<Spawned, SpawnError> {
+    // SAFETY: geteuid/getegid only read ids.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let setup = ChildSetup {
         path: cstr(&id.exe)?,
         argv: id.argv.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?,
@@ -167,16 +195,23 @@ pub fn spawn(id: &Identity, bind: Option<(&Path, &Path)>) -> Result<i32, SpawnEr
             )),
             None => None,
         },
+        user_ns: (uid != 0).then(|| {
+            (
+                CString::new(format!("{uid} {uid} 1")).expect("digits"),
+                CString::new(format!("{gid} {gid} 1")).expect("digits"),
+            )
+        }),
     };
-    let pid = sys::fork_tracee(&setup)?;
-    let p = Pid::from_raw(pid);
-    match waitpid(p, Some(WaitPidFlag::__WALL)).map_err(SpawnError::Start)? {
+    let init = sys::fork_tracee(&setup)?;
+    let ip = Pid::from_raw(init);
+    match waitpid(ip, Some(WaitPidFlag::__WALL)).map_err(SpawnError::Start)? {
         WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGSTOP) => {}
         WaitStatus::Exited(_, c) => return Err(SpawnError::ExecFailed(c)),
-        other => return Err(SpawnError::Start(nix_other(other))),
+        _ => return Err(SpawnError::Start(nix::Error::EINVAL)),
     }
+    // The init's fork is traced with these options; the program inherits them.
     ptrace::setoptions(
-        p,
+        ip,
         Options::PTRACE_O_TRACESYSGOOD
             | Options::PTRACE_O_TRACESECCOMP
             | Options::PTRACE_O_TRACECLONE
@@ -187,23 +222,39 @@ pub fn spawn(id: &Identity, bind: Option<(&Path, &Path)>) -> Result<i32, SpawnEr
             | Options::PTRACE_O_EXITKILL,
     )
     .map_err(SpawnError::Start)?;
-    sys::cont(pid, 0)?;
-    loop {
-        match waitpid(p, Some(WaitPidFlag::__WALL)).map_err(SpawnError::Start)? {
-            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_SECCOMP) => sys::cont(pid, 0)?,
-            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_EXEC) => {
-                sys::hide_vdso(pid)?;
-                return Ok(pid);
+    sys::cont(init, 0)?;
+    let pid = loop {
+        match waitpid(ip, Some(WaitPidFlag::__WALL)).map_err(SpawnError::Start)? {
+            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_FORK) => {
+                let child = sys::event_msg(init)? as i32;
+                // The init is on its own from here: it reaps and forwards.
+                ptrace::detach(ip, None).map_err(SpawnError::Start)?;
+                break child;
             }
-            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_EXIT) => sys::cont(pid, 0)?,
             WaitStatus::Exited(_, c) => return Err(SpawnError::ExecFailed(c)),
             WaitStatus::Signaled(_, s, _) => return Err(SpawnError::ExecFailed(128 + s as i32)),
+            WaitStatus::Stopped(_, s) => sys::cont(init, s as i32)?,
+            _ => sys::cont(init, 0)?,
+        }
+    };
+    let p = Pid::from_raw(pid);
+    loop {
+        match waitpid(p, Some(WaitPidFlag::__WALL)).map_err(SpawnError::Start)? {
+            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_EXEC) => {
+                sys::hide_vdso(pid)?;
+                let ns_pid = crate::nsid::ns_tid(pid).ok_or(SpawnError::Namespace)?;
+                return Ok(Spawned {
+                    task: Stopped::from_tid(pid),
+                    ns_pid,
+                    init,
+                });
+            }
+            WaitStatus::Exited(_, c) => return Err(SpawnError::ExecFailed(c)),
+            WaitStatus::Signaled(_, s, _) => return Err(SpawnError::ExecFailed(128 + s as i32)),
+            // The SIGSTOP of the automatic attach is not delivered.
+            WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGSTOP) => sys::cont(pid, 0)?,
             WaitStatus::Stopped(_, s) => sys::cont(pid, s as i32)?,
             _ => sys::cont(pid, 0)?,
         }
     }
-}
-
-fn nix_other(_s: WaitStatus) -> nix::Error {
-    nix::Error::EINVAL
 }

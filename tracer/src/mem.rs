@@ -1,9 +1,10 @@
 //! Applying the syscall model to a stopped tracee: which memory the kernel
-//! wrote (to record it), which bytes a write sent (to hash or show them).
-//! Shared by recording and replay so both read the same bytes the same way.
+//! wrote (to record it), which bytes a write sent or a read delivered (to
+//! hash or show them). Shared by recording and replay so both read the same
+//! bytes the same way.
 
 use hotstandby_protocol::record::MemWrite;
-use hotstandby_protocol::sysmodel::{Out, Spec};
+use hotstandby_protocol::sysmodel::{Data, Family, Out, Spec};
 
 use crate::sys::{self, Regs, SysError};
 
@@ -145,30 +146,23 @@ pub fn collect_outputs(
     Ok(out)
 }
 
-/// The bytes a write-family syscall sent (the first `n` bytes of its
-/// buffer or iovecs).
-pub fn written_bytes(tid: i32, nr: u32, args: &[u64; 6], n: i64) -> Result<Vec<u8>, SysError> {
-    if n <= 0 {
-        return Ok(Vec::new());
-    }
-    let n = (n as usize).min(MAX_OUT);
-    let iov = match nr as i64 {
-        libc::SYS_write | libc::SYS_pwrite64 | libc::SYS_sendto => {
-            return sys::read_mem(tid, args[1], n)
-        }
-        libc::SYS_writev | libc::SYS_pwritev | libc::SYS_pwritev2 => {
-            read_iov(tid, args[1], args[2])?
-        }
-        libc::SYS_sendmsg => {
-            let m = sys::read_mem(tid, args[1], 56)?;
+/// The iovecs the bytes of a read or write go through, in order.
+fn data_iov(tid: i32, data: Data, args: &[u64; 6], n: u64) -> Result<Vec<(u64, u64)>, SysError> {
+    match data {
+        Data::Buf(a) => Ok(vec![(args[a], n)]),
+        Data::Iov(a, c) => read_iov(tid, args[a], args[c]),
+        Data::Msg(a) => {
+            let m = sys::read_mem(tid, args[a], 56)?;
             let w = |o: usize| u64::from_le_bytes(m[o..o + 8].try_into().expect("8"));
-            read_iov(tid, w(16), w(24))?
+            read_iov(tid, w(16), w(24))
         }
-        _ => return Ok(Vec::new()),
-    };
+    }
+}
+
+fn gather(tid: i32, iov: &[(u64, u64)], n: usize) -> Result<Vec<u8>, SysError> {
     let mut out = Vec::with_capacity(n);
     let mut left = n as u64;
-    for (base, len) in iov {
+    for &(base, len) in iov {
         if left == 0 {
             break;
         }
@@ -179,21 +173,26 @@ pub fn written_bytes(tid: i32, nr: u32, args: &[u64; 6], n: i64) -> Result<Vec<u
     Ok(out)
 }
 
-/// The bytes a read-family syscall delivered, in order.
-pub fn read_bytes(tid: i32, nr: u32, args: &[u64; 6], n: i64) -> Result<Vec<u8>, SysError> {
+/// The bytes a call of the Write family sent (the first `n`), or that a
+/// Read delivered; empty for other families.
+pub fn moved_bytes(tid: i32, spec: &Spec, args: &[u64; 6], n: i64) -> Result<Vec<u8>, SysError> {
     if n <= 0 {
         return Ok(Vec::new());
     }
-    match nr as i64 {
-        libc::SYS_read | libc::SYS_pread64 | libc::SYS_recvfrom => {
-            sys::read_mem(tid, args[1], n as usize)
-        }
-        libc::SYS_readv | libc::SYS_preadv | libc::SYS_preadv2 => {
-            let mut v = Vec::new();
-            scatter(tid, &read_iov(tid, args[1], args[2])?, n as u64, &mut v)?;
-            Ok(v.into_iter().flat_map(|w| w.data).collect())
-        }
-        _ => Ok(Vec::new()),
+    let n = (n as usize).min(MAX_OUT);
+    let data = match spec.family {
+        Family::Write(d) | Family::Read { data: d, .. } => d,
+        _ => return Ok(Vec::new()),
+    };
+    let iov = data_iov(tid, data, args, n as u64)?;
+    gather(tid, &iov, n)
+}
+
+/// [`moved_bytes`] by syscall number.
+pub fn moved_bytes_nr(tid: i32, nr: u32, args: &[u64; 6], n: i64) -> Result<Vec<u8>, SysError> {
+    match hotstandby_protocol::sysmodel::spec(nr) {
+        Some(spec) => moved_bytes(tid, spec, args, n),
+        None => Ok(Vec::new()),
     }
 }
 

@@ -4,6 +4,7 @@
 //!
 //! This module knows nothing of recording or replay (mechanism, not policy).
 
+
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
@@ -82,6 +83,27 @@ pub fn event_msg(tid: i32) -> Result<u64, SysError> {
     ptrace::getevent(Pid::from_raw(tid))
         .map(|v| v as u64)
         .map_err(|e| os("PTRACE_GETEVENTMSG", tid, e))
+}
+
+/// Whether a syscall-stop is an entry (not an exit), from
+/// `PTRACE_GET_SYSCALL_INFO`.
+pub fn at_syscall_entry(tid: i32) -> Result<bool, SysError> {
+    const PTRACE_GET_SYSCALL_INFO: libc::c_uint = 0x420e;
+    const PTRACE_SYSCALL_INFO_ENTRY: u8 = 1;
+    let mut info = [0u8; 88];
+    // SAFETY: the kernel writes at most the size we pass into `info`.
+    let r = unsafe {
+        libc::ptrace(
+            PTRACE_GET_SYSCALL_INFO,
+            tid,
+            info.len(),
+            info.as_mut_ptr() as *mut libc::c_void,
+        )
+    };
+    if r < 0 {
+        return Err(os("PTRACE_GET_SYSCALL_INFO", tid, nix::Error::last()));
+    }
+    Ok(info[0] == PTRACE_SYSCALL_INFO_ENTRY)
 }
 
 /// The siginfo of a signal-delivery-stop as the kernel's 128 raw bytes.
@@ -242,11 +264,48 @@ pub struct ChildSetup {
     pub filter: Vec<libc::sock_filter>,
     /// (source, target) for a private bind mount of the data directory.
     pub bind: Option<(CString, CString)>,
+    /// Not root: a user namespace mapping our own uid and gid gives the
+    /// init the rights to set up the others.
+    pub user_ns: Option<(CString, CString)>,
 }
 
-/// Fork a child that stops itself for the tracer, then installs the
-/// seccomp filter and execs. Returns the child's pid; the child is in a
-/// signal-stop (SIGSTOP) when the caller's `waitpid` returns.
+/// The program's pid in its own PID namespace, for the init to forward
+/// signals to.
+static PROGRAM: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn init_forward(sig: libc::c_int) {
+    let p = PROGRAM.load(std::sync::atomic::Ordering::Relaxed);
+    if p > 0 {
+        // SAFETY: kill takes plain integers; async-signal-safe.
+        unsafe {
+            libc::syscall(libc::SYS_kill, p, sig);
+        }
+    }
+}
+
+/// Write `data` to a file with raw syscalls (for the child after clone).
+///
+/// # Safety
+/// For the child after clone: only raw syscalls are made.
+unsafe fn raw_write_file(path: &std::ffi::CStr, data: &[u8]) -> bool {
+    // SAFETY: the caller passes a valid C string; data is a live slice.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_open, path.as_ptr(), libc::O_WRONLY) as i32;
+        if fd < 0 {
+            return false;
+        }
+        let n = libc::syscall(libc::SYS_write, fd, data.as_ptr(), data.len());
+        libc::syscall(libc::SYS_close, fd);
+        n == data.len() as i64
+    }
+}
+
+/// Start the program in fresh PID, IPC and mount namespaces: a child is
+/// made pid 1 there (a tiny init that reaps and forwards signals), traced
+/// just long enough for its fork of the program to be traced too. The
+/// program, pid 2 in the namespace, stops itself (SIGSTOP of the automatic
+/// attach), then installs the seccomp filter and execs. Returns the init's
+/// pid; the caller waits for the init's fork event.
 pub fn fork_tracee(setup: &ChildSetup) -> Result<i32, SysError> {
     let argv: Vec<*const libc::c_char> = setup
         .argv
@@ -264,48 +323,69 @@ pub fn fork_tracee(setup: &ChildSetup) -> Result<i32, SysError> {
         len: setup.filter.len() as u16,
         filter: setup.filter.as_ptr() as *mut libc::sock_filter,
     };
-    // Other threads of this process (if any) hold no lock the child needs:
-    // after fork the child only makes raw syscalls on memory prepared above
-    // and then execs or exits with _exit.
+    let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWNS | libc::SIGCHLD;
+    if setup.user_ns.is_some() {
+        flags |= libc::CLONE_NEWUSER;
+    }
+    let setgroups = c"/proc/self/setgroups";
+    let uid_map = c"/proc/self/uid_map";
+    let gid_map = c"/proc/self/gid_map";
+    // Like fork: the child gets a copy of this address space on the same
+    // stack (no new stack is passed). Other threads of this process hold
+    // no lock the child needs: it only makes raw syscalls on memory
+    // prepared above, then execs or exits with _exit.
     // SAFETY: see above: the child touches nothing another thread may hold.
-    let pid = unsafe { libc::fork() };
+    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) };
     if pid < 0 {
-        return Err(os("fork", 0, nix::Error::last()));
+        return Err(os("clone (new PID, IPC and mount namespaces)", 0, nix::Error::last()));
     }
     if pid > 0 {
-        return Ok(pid);
+        return Ok(pid as i32);
     }
-    // Child. Any failure exits with 127 after writing a short message.
+    // The init, pid 1 of the program's namespaces. Any failure exits with
+    // 127 after writing a short message.
     // SAFETY: all pointers passed below point into `setup`, `argv`, `envp`
     // and `prog`, which live in this (copied) address space until execve.
+    // Only raw syscalls and glibc's thin syscall wrappers are used (glibc's
+    // cached thread id is stale after a raw clone, so no raise()).
     unsafe {
         let fail = |msg: &[u8]| -> ! {
-            libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
+            libc::syscall(libc::SYS_write, 2, msg.as_ptr(), msg.len());
+            libc::syscall(libc::SYS_exit_group, 127);
             libc::_exit(127)
         };
-        if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
-            fail(b"hotstandby: PTRACE_TRACEME failed\n");
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if let Some((uid, gid)) = &setup.user_ns {
+            if !raw_write_file(setgroups, b"deny")
+                || !raw_write_file(uid_map, uid.as_bytes())
+                || !raw_write_file(gid_map, gid.as_bytes())
+            {
+                fail(b"hotstandby: mapping the user namespace failed\n");
+            }
         }
-        if libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong) == -1 {
-            fail(b"hotstandby: personality(ADDR_NO_RANDOMIZE) failed\n");
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(b"hotstandby: making the program's mounts private failed\n");
         }
-        if libc::prctl(libc::PR_SET_TSC, libc::PR_TSC_SIGSEGV, 0, 0, 0) != 0 {
-            fail(b"hotstandby: prctl(PR_SET_TSC) failed\n");
+        // /proc of the program's own PID namespace: /proc/self and
+        // /proc/PID/... name the ids the program knows.
+        if libc::mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(b"hotstandby: mounting /proc for the program's PID namespace failed\n");
         }
         if let Some((src, dst)) = &setup.bind {
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                fail(b"hotstandby: unshare(CLONE_NEWNS) failed\n");
-            }
-            if libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ) != 0
-            {
-                fail(b"hotstandby: making / private failed\n");
-            }
             if libc::mount(
                 src.as_ptr(),
                 dst.as_ptr(),
@@ -317,21 +397,31 @@ pub fn fork_tracee(setup: &ChildSetup) -> Result<i32, SysError> {
                 fail(b"hotstandby: bind-mounting the data directory failed\n");
             }
         }
-        // Signal dispositions set to ignore survive exec: give the program
-        // the defaults and an empty mask, as a shell would.
-        for sig in 1..32 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
+        if libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
+            fail(b"hotstandby: PTRACE_TRACEME failed\n");
         }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::syscall(libc::SYS_kill, libc::syscall(libc::SYS_getpid), libc::SIGSTOP);
+        // The supervisor traces forks now: the program is traced from its
+        // first instruction.
+        let child = libc::syscall(libc::SYS_fork);
+        if child < 0 {
+            fail(b"hotstandby: the init could not fork the program\n");
+        }
+        if child > 0 {
+            init_loop(child as i32);
+        }
+        // The program, pid 2.
+        if libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong) == -1 {
+            fail(b"hotstandby: personality(ADDR_NO_RANDOMIZE) failed\n");
+        }
+        if libc::prctl(libc::PR_SET_TSC, libc::PR_TSC_SIGSEGV, 0, 0, 0) != 0 {
+            fail(b"hotstandby: prctl(PR_SET_TSC) failed\n");
+        }
+        reset_signals();
         libc::umask(setup.umask as libc::mode_t);
         if libc::chdir(setup.cwd.as_ptr()) != 0 {
             fail(b"hotstandby: cannot chdir to the recorded working directory\n");
         }
-        libc::raise(libc::SIGSTOP);
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             fail(b"hotstandby: PR_SET_NO_NEW_PRIVS failed\n");
         }
@@ -346,6 +436,73 @@ pub fn fork_tracee(setup: &ChildSetup) -> Result<i32, SysError> {
         }
         libc::execve(setup.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(b"hotstandby: execve failed\n");
+    }
+}
+
+/// Signal dispositions set to ignore survive exec: give the program the
+/// defaults and an empty mask, as a shell would.
+///
+/// # Safety
+/// For a child between fork and exec: raw calls only.
+unsafe fn reset_signals() {
+    // SAFETY: plain integers and a zeroed sigset on this stack.
+    unsafe {
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    }
+}
+
+/// The init: forwards the signals an operator sends to the program and
+/// reaps every process that ends up its child (orphans of the program),
+/// until none is left; then exits with the program's status.
+///
+/// # Safety
+/// For the child after clone: raw calls only.
+unsafe fn init_loop(program: i32) -> ! {
+    PROGRAM.store(program, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: installs an async-signal-safe handler (it only calls kill);
+    // the sigaction struct is fully initialised; wait4 writes to a local.
+    unsafe {
+        for sig in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+        ] {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = init_forward as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+        let mut code = 0;
+        loop {
+            let mut status: i32 = 0;
+            let r = libc::syscall(
+                libc::SYS_wait4,
+                -1,
+                &mut status as *mut i32,
+                libc::__WALL,
+                0,
+            );
+            if r == program as i64 {
+                code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                };
+            } else if r < 0 && *libc::__errno_location() != libc::EINTR {
+                libc::syscall(libc::SYS_exit_group, code);
+            }
+        }
     }
 }
 
