@@ -9,11 +9,12 @@
 //!   only once the standby holds the log position that produced it.
 //! - [`rules`]: the iptables rules that send those packets to the queue.
 //! - [`arp`]: whether another host holds the virtual IP (partition test).
+//! - [`observer`]: the recorder's network side (capture + gate).
 
 pub mod arp;
-pub mod conns;
 pub mod gate;
 pub mod nfqueue;
+pub mod observer;
 pub mod rules;
 pub mod tcp;
 

@@ -213,6 +213,7 @@ pub fn capture(fd: BorrowedFd<'_>, tid: u32, prog_fd: i32) -> Result<TcpConn, Ne
     let local = sockaddr(fd, false)?;
     let remote = sockaddr(fd, true)?;
     let mss: i32 = get(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")?;
+    let reuse: i32 = get(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, "SO_REUSEADDR")?;
     set(
         fd,
         libc::IPPROTO_TCP,
@@ -258,13 +259,7 @@ pub fn capture(fd: BorrowedFd<'_>, tid: u32, prog_fd: i32) -> Result<TcpConn, Ne
         let ts: u32 = get(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, "TCP_TIMESTAMP")?;
         Ok::<_, NetError>((snd, rcv_base, w, ts))
     })();
-    let off = set(
-        fd,
-        libc::IPPROTO_TCP,
-        TCP_REPAIR,
-        &TCP_REPAIR_OFF_NO_WP,
-        "TCP_REPAIR off",
-    );
+    let off = repair_off(fd, false, reuse);
     let (snd, rcv_base, w, ts) = r?;
     off?;
     Ok(TcpConn {
@@ -278,6 +273,7 @@ pub fn capture(fd: BorrowedFd<'_>, tid: u32, prog_fd: i32) -> Result<TcpConn, Ne
         snd_wscale: info.snd_wscale,
         rcv_wscale: info.rcv_wscale,
         options: info.options,
+        reuse: (reuse != 0) as u8,
         snd_wnd: w.snd_wnd,
         rcv_wnd: w.rcv_wnd,
         tsval: ts,
@@ -477,7 +473,28 @@ pub fn rebuild(fd: BorrowedFd<'_>, c: &TcpConn, p: Progress<'_>) -> Result<(), N
         rcv_wup: rcv,
     };
     set(fd, ip, TCP_REPAIR_WINDOW, &w, "TCP_REPAIR_WINDOW")?;
-    set(fd, ip, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP, "TCP_REPAIR off")
+    repair_off(fd, false, c.reuse as i32)
+}
+
+/// Leave repair mode (with a window probe when `probe`). The kernel resets
+/// the socket's address-reuse flag as it leaves repair mode
+/// (`sk_reuse = SK_NO_REUSE`); a TIME-WAIT left by such a socket would then
+/// keep the program's port from being bound again for a minute. So the flag
+/// the socket had (inherited from its listener) is put back.
+fn repair_off(fd: BorrowedFd<'_>, probe: bool, reuse: i32) -> Result<(), NetError> {
+    let ip = libc::IPPROTO_TCP;
+    if probe {
+        set(fd, ip, TCP_REPAIR, &0i32, "TCP_REPAIR off (window probe)")?;
+    } else {
+        set(fd, ip, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP, "TCP_REPAIR off")?;
+    }
+    set(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        &reuse,
+        "SO_REUSEADDR after repair",
+    )
 }
 
 /// Once the virtual IP is on this host: send a window probe, so that the
@@ -485,8 +502,9 @@ pub fn rebuild(fd: BorrowedFd<'_>, c: &TcpConn, p: Progress<'_>) -> Result<(), N
 /// trimmed to what it lacks (and retransmitted) without waiting for a timer.
 pub fn announce(fd: BorrowedFd<'_>) -> Result<(), NetError> {
     let ip = libc::IPPROTO_TCP;
+    let reuse: i32 = get(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, "SO_REUSEADDR")?;
     set(fd, ip, TCP_REPAIR, &TCP_REPAIR_ON, "TCP_REPAIR on")?;
-    set(fd, ip, TCP_REPAIR, &0i32, "TCP_REPAIR off (window probe)")
+    repair_off(fd, true, reuse)
 }
 
 /// Write `data` on a socket (in repair mode: into its send queue).
@@ -542,29 +560,6 @@ pub fn close_silently(fd: std::os::fd::OwnedFd) -> Result<(), NetError> {
     )?;
     drop(fd);
     Ok(())
-}
-
-/// A syscall's bytes on a connection fd: `(fd, wrote, bytes)`, counted the
-/// same way by the recorder (for the output rule) and by the replayer (to
-/// rebuild the connection). Peeking reads move nothing.
-pub fn conn_io(nr: u32, args: &[u64; 6], ret: i64) -> Option<(i32, bool, u64)> {
-    if ret <= 0 {
-        return None;
-    }
-    let fd = args[0] as i32;
-    let peek = |flags: u64| flags & libc::MSG_PEEK as u64 != 0;
-    let wrote = match nr as i64 {
-        libc::SYS_read | libc::SYS_readv => false,
-        libc::SYS_recvfrom if !peek(args[3]) => false,
-        libc::SYS_recvmsg if !peek(args[2]) => false,
-        libc::SYS_write
-        | libc::SYS_writev
-        | libc::SYS_sendto
-        | libc::SYS_sendmsg
-        | libc::SYS_sendfile => true,
-        _ => return None,
-    };
-    Some((fd, wrote, ret as u64))
 }
 
 #[cfg(test)]

@@ -40,9 +40,14 @@ pub struct Plan {
 pub enum Decision {
     Run(Plan),
     /// Not run on either side: answered with `-errno`; `why` is said once.
-    Refuse { errno: i32, why: Option<String> },
+    Refuse {
+        errno: i32,
+        why: Option<String>,
+    },
     /// exit or exit_group: logged as an `Exit` event.
-    Exit { group: bool },
+    Exit {
+        group: bool,
+    },
 }
 
 /// What the decision needs to know about the calling process.
@@ -157,9 +162,9 @@ pub fn decide_spec(spec: &Spec, args: &[u64; 6], cx: &mut dyn Context) -> Decisi
                 return Decision::Refuse {
                     errno: libc::ENOTTY,
                     why: Some(format!(
-                        "ioctl request {:#x} on an external fd is not in the model; answered ENOTTY",
-                        args[1]
-                    )),
+                    "ioctl request {:#x} on an external fd is not in the model; answered ENOTTY",
+                    args[1]
+                )),
                 }
             }
         },
@@ -202,9 +207,15 @@ mod tests {
     fn fd_io_follows_the_fd() {
         let read = libc::SYS_read;
         let p = run(read, [3, 0, 10, 0, 0, 0], FdKind::External);
-        assert_eq!((p.mode, p.blocking, p.hash), (Mode::Emulated, true, HashOf::Nothing));
+        assert_eq!(
+            (p.mode, p.blocking, p.hash),
+            (Mode::Emulated, true, HashOf::Nothing)
+        );
         let p = run(read, [3, 0, 10, 0, 0, 0], FdKind::File);
-        assert_eq!((p.mode, p.blocking, p.hash), (Mode::Executed, false, HashOf::Read));
+        assert_eq!(
+            (p.mode, p.blocking, p.hash),
+            (Mode::Executed, false, HashOf::Read)
+        );
         let p = run(read, [3, 0, 10, 0, 0, 0], FdKind::Internal);
         assert_eq!((p.mode, p.blocking), (Mode::Executed, true));
         let p = run(libc::SYS_write, [1, 0, 10, 0, 0, 0], FdKind::External);
@@ -240,7 +251,10 @@ mod tests {
         let p = run(libc::SYS_futex, [0, 9 | 128, 0, 0, 0, 0], FdKind::File);
         assert!(p.blocking, "FUTEX_WAIT_BITSET_PRIVATE");
         assert!(sysmodel::futex_may_wake_spuriously(9 | 128));
-        assert!(!sysmodel::futex_may_wake_spuriously(6), "LOCK_PI returning 0 means 'locked'");
+        assert!(
+            !sysmodel::futex_may_wake_spuriously(6),
+            "LOCK_PI returning 0 means 'locked'"
+        );
     }
 
     #[test]
@@ -261,23 +275,56 @@ mod tests {
         let odd = [0, 0x1234_5678, 0, 0, 0, 0];
         assert!(matches!(
             decide(libc::SYS_ioctl as u32, &odd, &mut Cx(ext, 1)),
-            Decision::Refuse { errno: libc::ENOTTY, why: Some(_) }
+            Decision::Refuse {
+                errno: libc::ENOTTY,
+                why: Some(_)
+            }
         ));
-        assert_eq!(run(libc::SYS_ioctl, odd, FdKind::Internal).mode, Mode::Executed);
+        assert_eq!(
+            run(libc::SYS_ioctl, odd, FdKind::Internal).mode,
+            Mode::Executed
+        );
     }
 
     #[test]
     fn refusals_and_exits() {
-        let d = decide(libc::SYS_io_uring_setup as u32, &[0; 6], &mut Cx(FdKind::File, 1));
-        assert!(matches!(d, Decision::Refuse { errno: libc::ENOSYS, why: Some(_) }));
+        let d = decide(
+            libc::SYS_io_uring_setup as u32,
+            &[0; 6],
+            &mut Cx(FdKind::File, 1),
+        );
+        assert!(matches!(
+            d,
+            Decision::Refuse {
+                errno: libc::ENOSYS,
+                why: Some(_)
+            }
+        ));
         let d = decide(libc::SYS_rseq as u32, &[0; 6], &mut Cx(FdKind::File, 1));
-        assert_eq!(d, Decision::Refuse { errno: libc::ENOSYS, why: None }, "silent: glibc falls back");
+        assert_eq!(
+            d,
+            Decision::Refuse {
+                errno: libc::ENOSYS,
+                why: None
+            },
+            "silent: glibc falls back"
+        );
         let d = decide(400, &[0; 6], &mut Cx(FdKind::File, 1));
         assert!(matches!(d, Decision::Refuse { why: Some(w), .. } if w.contains("unknown")));
         let d = decide(libc::SYS_execve as u32, &[0; 6], &mut Cx(FdKind::File, 3));
-        assert!(matches!(d, Decision::Refuse { .. }), "exec from a multi-threaded process");
-        assert_eq!(run(libc::SYS_execve, [0; 6], FdKind::File).mode, Mode::Executed);
-        let d = decide(libc::SYS_exit_group as u32, &[0; 6], &mut Cx(FdKind::File, 3));
+        assert!(
+            matches!(d, Decision::Refuse { .. }),
+            "exec from a multi-threaded process"
+        );
+        assert_eq!(
+            run(libc::SYS_execve, [0; 6], FdKind::File).mode,
+            Mode::Executed
+        );
+        let d = decide(
+            libc::SYS_exit_group as u32,
+            &[0; 6],
+            &mut Cx(FdKind::File, 3),
+        );
         assert_eq!(d, Decision::Exit { group: true });
     }
 

@@ -7,9 +7,11 @@
 
 pub mod decide;
 pub mod frame;
+pub mod observe;
 pub mod record;
 pub mod session;
 pub mod shadow;
+pub mod show;
 pub mod sysmodel;
 pub mod wire;
 

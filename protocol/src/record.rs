@@ -107,6 +107,9 @@ pub struct TcpConn {
     pub snd_wscale: u8,
     pub rcv_wscale: u8,
     pub options: u8,
+    /// SO_REUSEADDR as the socket had it (from its listener): a rebuilt
+    /// socket gets it too, so its TIME-WAIT does not block the port.
+    pub reuse: u8,
     /// Send and receive windows at accept.
     pub snd_wnd: u32,
     pub rcv_wnd: u32,

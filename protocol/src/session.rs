@@ -391,6 +391,8 @@ pub struct Standby {
     last_heard: Option<Instant>,
     next_heartbeat: Option<Instant>,
     state: StandbyState,
+    /// A primary's hello was received: there is a primary to take over from.
+    followed: bool,
     out: std::collections::VecDeque<Transmit>,
 }
 
@@ -407,6 +409,7 @@ impl Standby {
             last_heard: None,
             next_heartbeat: None,
             state: StandbyState::Disconnected,
+            followed: false,
             out: Default::default(),
         }
     }
@@ -415,9 +418,16 @@ impl Standby {
         self.state
     }
 
-    /// The epoch this node will hold as a primary after going live.
+    /// The epoch this node will hold as a primary after going live (once
+    /// the primary is declared lost); before, the newest epoch it knows.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// An epoch this node already knew (persisted in its log directory):
+    /// it never goes back below it.
+    pub fn know_epoch(&mut self, epoch: u64) {
+        self.epoch = self.epoch.max(epoch);
     }
 
     pub fn handle_connected(&mut self, now: Instant) {
@@ -474,6 +484,7 @@ impl Standby {
                 }
                 self.epoch = self.epoch.max(epoch);
                 self.state = StandbyState::Following;
+                self.followed = true;
                 Ok(None)
             }
             Message::Log { offset, bytes } => {
@@ -548,24 +559,23 @@ impl Standby {
 
     /// Time passed; returns true when the primary is declared lost: the
     /// driver replays what it holds and goes live as primary of the next
-    /// epoch.
+    /// epoch. A primary this standby followed is lost when it has been
+    /// silent for the timeout, connected or not (a reconnect that keeps
+    /// failing is silence too).
     pub fn handle_timeout(&mut self, now: Instant) -> bool {
         let silent = self
             .last_heard
             .map(|t| now.saturating_duration_since(t) >= self.cfg.timeout)
             .unwrap_or(false);
-        if silent
-            && matches!(
-                self.state,
-                StandbyState::Following | StandbyState::Handshake
-            )
-        {
-            let was_following = self.state == StandbyState::Following;
-            if was_following {
-                self.state = StandbyState::PrimaryLost;
-                self.epoch += 1;
-                return true;
-            }
+        if !silent || self.state == StandbyState::PrimaryLost {
+            return false;
+        }
+        if self.followed {
+            self.state = StandbyState::PrimaryLost;
+            self.epoch += 1;
+            return true;
+        }
+        if self.state == StandbyState::Handshake {
             // Never got the primary's hello: nothing to take over from.
             self.state = StandbyState::Disconnected;
         }

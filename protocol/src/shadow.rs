@@ -197,23 +197,47 @@ impl<T> ConnTable<T> {
 /// What a completed syscall (or a ptrace event) changed in the shadow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    NewFd { fd: i32, kind: FdKind },
-    Dup { from: i32, to: i32 },
-    Close { fd: i32 },
-    CloseRange { lo: u32, hi: u32 },
-    SigAction { sig: i32, act: SigAct },
+    NewFd {
+        fd: i32,
+        kind: FdKind,
+    },
+    Dup {
+        from: i32,
+        to: i32,
+    },
+    Close {
+        fd: i32,
+    },
+    CloseRange {
+        lo: u32,
+        hi: u32,
+    },
+    SigAction {
+        sig: i32,
+        act: SigAct,
+    },
     /// The process exec'd: handlers reset to the default (ignored stays
     /// ignored), and only the fds in `open` are left (close-on-exec ones
     /// are gone).
-    Exec { open: Vec<i32> },
+    Exec {
+        open: Vec<i32>,
+    },
     /// A new process `child`, with a copy of this one's state.
-    Fork { child: u32 },
+    Fork {
+        child: u32,
+    },
     /// The process is gone (its fds are closed).
     Gone,
     /// Bytes moved on `fd`.
-    Io { fd: i32, wrote: bool, n: u64 },
+    Io {
+        fd: i32,
+        wrote: bool,
+        n: u64,
+    },
     /// `shutdown` on `fd`.
-    Shutdown { fd: i32 },
+    Shutdown {
+        fd: i32,
+    },
 }
 
 /// What a change did to a connection, for the output rule and the
@@ -338,6 +362,32 @@ impl<T: Clone> Shadow<T> {
 
     pub fn conn_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// The same shadow with each connection's extra replaced.
+    pub fn map<U>(self, mut f: impl FnMut(T) -> U) -> Shadow<U> {
+        let ConnTable { fds, items, next } = self.conns;
+        Shadow {
+            procs: self.procs,
+            conns: ConnTable {
+                fds,
+                items: items
+                    .into_iter()
+                    .map(|(k, c)| {
+                        (
+                            k,
+                            Conn {
+                                tcp: c.tcp,
+                                read: c.read,
+                                written: c.written,
+                                extra: f(c.extra),
+                            },
+                        )
+                    })
+                    .collect(),
+                next,
+            },
+        }
     }
 
     /// Apply one change to process `tgid`.

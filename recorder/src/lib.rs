@@ -1,18 +1,18 @@
-//! The ptrace/seccomp supervisor: starting a tracee deterministically,
-//! intercepting its syscalls, recording, and the log files.
+//! Recording: the policy that runs the program for real and writes every
+//! nondeterministic input and scheduling decision to a log, over the tracer
+//! core (`hotstandby-tracer`); and the log files.
 //!
-//! Raw kernel access lives in [`sys`] only; [`record`] holds the recording
-//! policy.
+//! Module by module the mirror image of `hotstandby-replayer`: [`record`]
+//! (the scheduler), [`syscall`], [`signal`], [`net`], [`live`] (a program
+//! taken over from a replay goes on recording).
 
-pub mod fdtable;
+pub mod live;
 pub mod logfile;
-pub mod model;
+mod net;
 pub mod record;
-pub mod seccomp;
-pub mod sys;
-pub mod tracee;
+mod signal;
+mod syscall;
 
-pub use record::{
-    continue_live, record, ConnTrack, RecordError, RecordOptions, RecordOutcome, Takeover,
-    TakeoverState, TakeoverThread,
-};
+pub use live::{continue_live, Takeover, TakeoverState, TakeoverThread};
+pub use record::{copy_tree, record, RecordError, RecordOptions, RecordOutcome};
+pub use signal::{is_fault, rdtsc_len};

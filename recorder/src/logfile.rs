@@ -460,6 +460,7 @@ impl EventCursor {
                 kernel_release: String::new(),
                 hostname: String::new(),
                 umask: 0,
+                model: [0; 32],
                 start_unix_ns: 0,
                 data_dir: vec![],
             },

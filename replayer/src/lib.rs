@@ -1,17 +1,20 @@
-//! Replay: run the recorded program again and feed it the log, event by
-//! event, in the recorded order; stop at the first divergence.
+//! Replay: the policy that runs the recorded program again over the tracer
+//! core and feeds it the log, event by event, in the recorded order; it
+//! stops at the first divergence, or goes live at the end of a cut-off log.
 //!
-//! Syscalls on objects the program owns are executed for real and their
-//! results compared; results from the outside world are injected without
-//! running the syscall; threads run one at a time in the recorded schedule;
-//! signals are delivered at the recorded syscall boundaries. The replayer
-//! uses the recorder's tracee control (`hotstandby_recorder::sys`) and knows
-//! nothing about the network or the standby role.
+//! Module by module the mirror image of `hotstandby-recorder`: [`engine`]
+//! (the event loop and schedule), `syscall`, `signal`, `net`, [`takeover`]
+//! (going live), [`divergence`].
 
-mod divergence;
+pub mod divergence;
 mod engine;
+mod net;
+mod signal;
+mod syscall;
+pub mod takeover;
 
-pub use divergence::Divergence;
+pub use divergence::{Divergence, Kind};
 pub use engine::{
-    check_identity, replay, Handover, LiveFeed, ReplayError, ReplayOptions, ReplayOutcome, Resend,
+    check_identity, kill_and_reap, replay, LiveFeed, ReplayError, ReplayOptions, ReplayOutcome,
 };
+pub use takeover::{Handover, Resend};

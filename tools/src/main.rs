@@ -252,7 +252,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 argv: cmd,
                 data_dir,
                 throttle: None,
-                gate: None,
+                net: Some(hotstandby_netguard::observer::Observer::new(None)),
             })
             .with_context(|| format!("recording into {}", log.display()))?;
             tracing::info!(events = out.events, bytes = out.bytes, "recorded");

@@ -4,7 +4,6 @@
 //!
 //! This module knows nothing of recording or replay (mechanism, not policy).
 
-
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
@@ -337,7 +336,11 @@ pub fn fork_tracee(setup: &ChildSetup) -> Result<i32, SysError> {
     // SAFETY: see above: the child touches nothing another thread may hold.
     let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) };
     if pid < 0 {
-        return Err(os("clone (new PID, IPC and mount namespaces)", 0, nix::Error::last()));
+        return Err(os(
+            "clone (new PID, IPC and mount namespaces)",
+            0,
+            nix::Error::last(),
+        ));
     }
     if pid > 0 {
         return Ok(pid as i32);
@@ -400,7 +403,11 @@ pub fn fork_tracee(setup: &ChildSetup) -> Result<i32, SysError> {
         if libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
             fail(b"hotstandby: PTRACE_TRACEME failed\n");
         }
-        libc::syscall(libc::SYS_kill, libc::syscall(libc::SYS_getpid), libc::SIGSTOP);
+        libc::syscall(
+            libc::SYS_kill,
+            libc::syscall(libc::SYS_getpid),
+            libc::SIGSTOP,
+        );
         // The supervisor traces forks now: the program is traced from its
         // first instruction.
         let child = libc::syscall(libc::SYS_fork);
@@ -563,92 +570,4 @@ pub fn dup_from(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd, SysError> {
     }
     // SAFETY: dup is a fresh descriptor returned by the kernel, owned here.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(dup as i32) })
-}
-
-/// Re-create a recorded listening socket on the supervisor's duplicate of
-/// the program's placeholder: socket options, bind (to the virtual IP even
-/// before it is here, when that is the recorded address; to the same port
-/// on any address when the recorded address is not on this host), listen.
-pub fn make_listening(
-    sock: &std::os::fd::OwnedFd,
-    opts: &[(i32, i32, Vec<u8>)],
-    addr: &[u8],
-    backlog: Option<i32>,
-    freebind_on: Option<std::net::IpAddr>,
-) -> Result<(), std::io::Error> {
-    use std::os::fd::AsRawFd;
-    let fd = sock.as_raw_fd();
-    let family = if addr.len() >= 2 {
-        u16::from_le_bytes([addr[0], addr[1]]) as i32
-    } else {
-        0
-    };
-    let bound_ip: Option<std::net::IpAddr> = match family {
-        libc::AF_INET if addr.len() >= 8 => {
-            Some(std::net::Ipv4Addr::new(addr[4], addr[5], addr[6], addr[7]).into())
-        }
-        libc::AF_INET6 if addr.len() >= 24 => {
-            let a: [u8; 16] = addr[8..24].try_into().expect("16 bytes");
-            Some(std::net::Ipv6Addr::from(a).into())
-        }
-        _ => None,
-    };
-    if bound_ip.is_some() && bound_ip == freebind_on {
-        // The virtual IP: bind to it before it is on this host.
-        let one: i32 = 1;
-        // SAFETY: one is a live int of the size passed.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_IP,
-                libc::IP_FREEBIND,
-                &one as *const i32 as *const libc::c_void,
-                4,
-            );
-        }
-    }
-    for (level, name, val) in opts {
-        // SAFETY: val is a live buffer of the given length.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                *level,
-                *name,
-                val.as_ptr() as *const libc::c_void,
-                val.len() as u32,
-            );
-        }
-    }
-    if !addr.is_empty() {
-        // SAFETY: addr holds the sockaddr bytes the program passed to bind.
-        let mut r = unsafe {
-            libc::bind(
-                fd,
-                addr.as_ptr() as *const libc::sockaddr,
-                addr.len() as u32,
-            )
-        };
-        if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EADDRNOTAVAIL) {
-            // Same port, any address of this host.
-            let mut any = addr.to_vec();
-            let family = u16::from_le_bytes([any[0], any[1]]) as i32;
-            if family == libc::AF_INET && any.len() >= 8 {
-                any[4..8].fill(0);
-            } else if family == libc::AF_INET6 && any.len() >= 24 {
-                any[8..24].fill(0);
-            }
-            // SAFETY: as above, with the address part zeroed.
-            r = unsafe { libc::bind(fd, any.as_ptr() as *const libc::sockaddr, any.len() as u32) };
-        }
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    if let Some(b) = backlog {
-        // SAFETY: plain integers.
-        if unsafe { libc::listen(fd, b) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }

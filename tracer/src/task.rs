@@ -18,6 +18,9 @@ use crate::sys::{self, Regs, SysError};
 /// A thread id as the supervisor sees it.
 pub type Tid = i32;
 
+/// A signal held back: its number and the kernel's siginfo bytes.
+pub type HeldSignal = (i32, Vec<u8>);
+
 /// Where a stopped thread stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stop {
@@ -75,7 +78,9 @@ pub enum TaskError {
 #[derive(Debug)]
 pub struct Stopped {
     tid: Tid,
-    regs: Option<Regs>,
+    /// The registers, once read (boxed: a `Stopped` moves around in state
+    /// enums and stays small).
+    regs: Option<Box<Regs>>,
 }
 
 /// A thread let go: it runs user code or sits in a syscall.
@@ -94,6 +99,12 @@ impl Running {
 
     pub fn tid(&self) -> Tid {
         self.tid
+    }
+
+    /// A wait (of any thread) reported this thread stopped as `s`: the
+    /// running token is used up.
+    pub fn stopped_as(self, s: &Stopped) {
+        debug_assert_eq!(self.tid, s.tid, "a stop reported for another thread");
     }
 
     /// Wait for this thread's next stop.
@@ -127,17 +138,17 @@ impl Stopped {
     }
 
     pub fn regs(&mut self) -> Result<Regs, SysError> {
-        if let Some(r) = self.regs {
-            return Ok(r);
+        if let Some(r) = &self.regs {
+            return Ok(**r);
         }
         let r = sys::get_regs(self.tid)?;
-        self.regs = Some(r);
+        self.regs = Some(Box::new(r));
         Ok(r)
     }
 
     pub fn set_regs(&mut self, r: &Regs) -> Result<(), SysError> {
         sys::set_regs(self.tid, r)?;
-        self.regs = Some(*r);
+        self.regs = Some(Box::new(*r));
         Ok(())
     }
 
@@ -257,7 +268,7 @@ impl Stopped {
         tgid: Tid,
         sig: i32,
         info: &[u8],
-    ) -> Result<(Running, Vec<(i32, Vec<u8>)>), TaskError> {
+    ) -> Result<(Running, Vec<HeldSignal>), TaskError> {
         let tid = self.tid;
         sys::tgkill(tgid, tid, sig)?;
         let mut run = self.resume(0)?;

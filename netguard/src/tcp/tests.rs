@@ -111,3 +111,34 @@ fn rebuild_with_wrong_read_count_loses_the_stream() {
         "bytes before rcv_nxt must not be delivered"
     );
 }
+
+fn reuseaddr(fd: BorrowedFd<'_>) -> i32 {
+    get(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, "SO_REUSEADDR").unwrap()
+}
+
+/// Leaving repair mode clears the kernel's reuse flag; capture and the
+/// window probe put it back, and a rebuilt socket takes the recorded one.
+/// Without that, the TIME-WAIT of a connection the program closed first
+/// keeps its port from being bound again for a minute.
+#[test]
+fn repair_keeps_the_address_reuse_flag() {
+    if !root() {
+        panic!("this test must run as root (CI does)");
+    }
+    // std's TcpListener sets SO_REUSEADDR; accepted sockets inherit it.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    assert_eq!(reuseaddr(s.as_fd()), 1);
+    let conn = capture(s.as_fd(), 1, 5).unwrap();
+    assert_eq!(conn.reuse, 1, "recorded");
+    assert_eq!(reuseaddr(s.as_fd()), 1, "still set after capture");
+    announce(s.as_fd()).unwrap();
+    assert_eq!(reuseaddr(s.as_fd()), 1, "still set after the window probe");
+
+    // The negative control: the bare kernel behaviour this works around.
+    let ip = libc::IPPROTO_TCP;
+    set(s.as_fd(), ip, TCP_REPAIR, &TCP_REPAIR_ON, "on").unwrap();
+    set(s.as_fd(), ip, TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP, "off").unwrap();
+    assert_eq!(reuseaddr(s.as_fd()), 0, "the kernel clears it");
+}

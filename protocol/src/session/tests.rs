@@ -456,3 +456,58 @@ fn refusals() {
         })
     );
 }
+
+/// Epochs only grow along a chain of failovers: each new primary takes one
+/// more than the newest it heard of (also across a restart, from the epoch
+/// its log directory kept), and any older primary that hears it steps down.
+#[test]
+fn chained_failovers_take_ever_higher_epochs() {
+    let mut pair = Pair::new(lossy(), 11);
+    pair.run(Duration::from_secs(2));
+    pair.p_alive = false;
+    pair.run(Duration::from_secs(1));
+    assert_eq!(pair.s.epoch(), 2);
+    // The new primary (epoch 2) and a new standby of it.
+    let cfg = pair.p.cfg;
+    let mut second = Pair::new(lossy(), 12);
+    second.p = Primary::new(cfg, pair.s.epoch(), SHA);
+    second.s = Standby::new(cfg, SHA, 0);
+    second.connect();
+    second.run(Duration::from_secs(2));
+    assert_eq!(second.s.epoch(), 2, "learned from the hello");
+    second.p_alive = false;
+    second.run(Duration::from_secs(1));
+    assert_eq!(second.s.epoch(), 3, "one more than the newest it heard of");
+    // A restarted standby knows the epoch its directory kept, even before
+    // a hello; the primary of epoch 1 that wakes steps down on hearing 3.
+    let mut s = Standby::new(cfg, SHA, 0);
+    s.know_epoch(3);
+    assert_eq!(s.epoch(), 3);
+    let mut old = Primary::new(cfg, 1, SHA);
+    let now = Instant::now();
+    old.handle_connected(now);
+    old.handle_message(
+        Message::Heartbeat {
+            role: Role::Primary,
+            epoch: 3,
+            sent_ms: 0,
+            offset: 0,
+        },
+        now,
+    )
+    .unwrap();
+    assert_eq!(old.state(), PrimaryState::SteppedDown);
+    // ... and one of epoch 3 does not step down for itself.
+    let mut same = Primary::new(cfg, 3, SHA);
+    same.handle_connected(now);
+    let _ = same.handle_message(
+        Message::Heartbeat {
+            role: Role::Primary,
+            epoch: 3,
+            sent_ms: 0,
+            offset: 0,
+        },
+        now,
+    );
+    assert_ne!(same.state(), PrimaryState::SteppedDown);
+}

@@ -13,6 +13,7 @@ fn tcp(fd: i32) -> TcpConn {
         snd_wscale: 0,
         rcv_wscale: 0,
         options: 0,
+        reuse: 0,
         snd_wnd: 0,
         rcv_wnd: 0,
         tsval: 0,
@@ -77,16 +78,28 @@ fn exec_resets_handlers_and_drops_close_on_exec_fds() {
     };
     s.apply(2, Change::SigAction { sig: 10, act: h });
     s.apply(2, Change::SigAction { sig: 13, act: ign });
-    assert_eq!(
-        s.disposition(2, 10),
-        Disposition::Handler { restart: true }
+    assert_eq!(s.disposition(2, 10), Disposition::Handler { restart: true });
+    s.apply(
+        2,
+        Change::NewFd {
+            fd: 7,
+            kind: FdKind::File,
+        },
     );
-    s.apply(2, Change::NewFd { fd: 7, kind: FdKind::File });
     s.accepted(2, 8, tcp(8), ());
-    let notes = s.apply(2, Change::Exec { open: vec![0, 1, 2, 7] });
+    let notes = s.apply(
+        2,
+        Change::Exec {
+            open: vec![0, 1, 2, 7],
+        },
+    );
     assert_eq!(ended(&notes), vec![8], "the close-on-exec connection ends");
     assert_eq!(s.disposition(2, 10), Disposition::Fatal, "handler reset");
-    assert_eq!(s.disposition(2, 13), Disposition::Ignore, "ignored stays ignored");
+    assert_eq!(
+        s.disposition(2, 13),
+        Disposition::Ignore,
+        "ignored stays ignored"
+    );
     assert_eq!(s.kind(2, 7), Some(FdKind::File));
 }
 
@@ -96,8 +109,22 @@ fn a_forked_child_shares_connections_until_both_close() {
     s.accepted(2, 5, tcp(5), ());
     s.apply(2, Change::Fork { child: 3 });
     assert!(ended(&s.apply(2, Change::Close { fd: 5 })).is_empty());
-    let n = s.apply(3, Change::Io { fd: 5, wrote: true, n: 10 });
-    assert!(matches!(n[..], [Note::Io { wrote: true, n: 10, .. }]));
+    let n = s.apply(
+        3,
+        Change::Io {
+            fd: 5,
+            wrote: true,
+            n: 10,
+        },
+    );
+    assert!(matches!(
+        n[..],
+        [Note::Io {
+            wrote: true,
+            n: 10,
+            ..
+        }]
+    ));
     assert_eq!(s.conn(3, 5).unwrap().written, 10);
     assert_eq!(ended(&s.apply(3, Change::Gone)), vec![5]);
 }
@@ -119,19 +146,39 @@ fn effects_follow_the_model() {
     assert_eq!(
         effects(sp(libc::SYS_pipe2), &[0x1000, 0, 0, 0, 0, 0], 0, &mut pipe),
         vec![
-            Change::NewFd { fd: 5, kind: FdKind::Internal },
-            Change::NewFd { fd: 6, kind: FdKind::Internal }
+            Change::NewFd {
+                fd: 5,
+                kind: FdKind::Internal
+            },
+            Change::NewFd {
+                fd: 6,
+                kind: FdKind::Internal
+            }
         ]
     );
     let mut act = Mem([0x4010u64.to_le_bytes(), 4u64.to_le_bytes()].concat());
     assert_eq!(
-        effects(sp(libc::SYS_rt_sigaction), &[15, 0x2000, 0, 8, 0, 0], 0, &mut act),
-        vec![Change::SigAction { sig: 15, act: SigAct { handler: 0x4010, flags: 4 } }]
+        effects(
+            sp(libc::SYS_rt_sigaction),
+            &[15, 0x2000, 0, 8, 0, 0],
+            0,
+            &mut act
+        ),
+        vec![Change::SigAction {
+            sig: 15,
+            act: SigAct {
+                handler: 0x4010,
+                flags: 4
+            }
+        }]
     );
     let mut none = Mem(vec![]);
     assert_eq!(
         effects(sp(libc::SYS_openat), &[0, 0, 0, 0, 0, 0], 7, &mut none),
-        vec![Change::NewFd { fd: 7, kind: FdKind::File }]
+        vec![Change::NewFd {
+            fd: 7,
+            kind: FdKind::File
+        }]
     );
     assert_eq!(
         effects(sp(libc::SYS_dup2), &[4, 9, 0, 0, 0, 0], 9, &mut none),
@@ -141,7 +188,11 @@ fn effects_follow_the_model() {
     assert!(effects(sp(libc::SYS_recvfrom), &[4, 0, 9, peek, 0, 0], 9, &mut none).is_empty());
     assert_eq!(
         effects(sp(libc::SYS_recvfrom), &[4, 0, 9, 0, 0, 0], 9, &mut none),
-        vec![Change::Io { fd: 4, wrote: false, n: 9 }]
+        vec![Change::Io {
+            fd: 4,
+            wrote: false,
+            n: 9
+        }]
     );
     assert!(effects(sp(libc::SYS_close), &[4, 0, 0, 0, 0, 0], -9, &mut none).is_empty());
 }

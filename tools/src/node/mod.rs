@@ -1,0 +1,216 @@
+//! `hotstandby run`, `standby` and `status`: the replication driver.
+//!
+//! Thin by design: the session logic is the sans-IO state machine in
+//! `hotstandby_protocol::session` (its timers and its epoch), the bytes
+//! move through `hotstandby_transport` (QUIC, pinned mutual TLS), and
+//! recording, replay and takeover are the engine crates. The recorder and
+//! the replayer run on their own threads (a tracer must be one thread); the
+//! network runs on a single-threaded tokio runtime, which never waits on
+//! the disk for anything but the log itself (status files are written by a
+//! thread of their own).
+//!
+//! - [`primary`]: `run` — record, serve standbys, step down when replaced;
+//! - [`standby`]: `standby` — follow, replay, take over, serve as primary;
+//! - [`vip`]: the virtual IP and the output rule;
+//! - here: what both roles share (keys, status file, epoch file, lag).
+
+pub mod primary;
+pub mod standby;
+pub mod vip;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hotstandby_protocol::frame::FrameReader;
+use hotstandby_transport::{self as transport, NodeKeys};
+
+pub use primary::run;
+pub use standby::standby;
+pub use vip::Vip;
+
+/// Exit status of a primary that found a newer primary and stepped down.
+pub const EXIT_STEPPED_DOWN: u8 = 75;
+
+/// Where the peer and our keys are.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub peer_cert: PathBuf,
+}
+
+impl Tls {
+    fn load(&self) -> anyhow::Result<(NodeKeys, hotstandby_transport::CertificateDer<'static>)> {
+        let keys = transport::load_keys(&self.cert, &self.key)?;
+        let peer = transport::load_cert(&self.peer_cert)?;
+        Ok((keys, peer))
+    }
+}
+
+const STATUS: &str = "status";
+const EPOCH: &str = "epoch";
+/// How often the status file is rewritten.
+const STATUS_EVERY: Duration = Duration::from_millis(100);
+
+/// How old the oldest byte not yet past a mark is: lag in milliseconds.
+#[derive(Debug, Default)]
+struct LagClock(std::collections::VecDeque<(u64, Instant)>);
+
+impl LagClock {
+    /// The log grew to `end` bytes at `now`.
+    fn grew(&mut self, end: u64, now: Instant) {
+        if self.0.back().map(|(e, _)| end > *e).unwrap_or(true) {
+            self.0.push_back((end, now));
+            if self.0.len() > 100_000 {
+                self.0.pop_front();
+            }
+        }
+    }
+
+    /// Milliseconds since the oldest byte beyond `mark` arrived.
+    fn ms(&mut self, mark: u64, now: Instant) -> u128 {
+        while self.0.front().map(|(e, _)| *e <= mark).unwrap_or(false) {
+            self.0.pop_front();
+        }
+        self.0
+            .front()
+            .map(|(_, t)| now.saturating_duration_since(*t).as_millis())
+            .unwrap_or(0)
+    }
+}
+
+/// The node's status file, written by a thread of its own: a rename in a
+/// directory whose file is being fsync'd can wait on the journal for
+/// hundreds of milliseconds (seen: 625 ms as the recorder synced the log at
+/// exit), and the network loop must never wait that long.
+#[derive(Debug, Clone)]
+struct StatusFile {
+    tx: mpsc::SyncSender<String>,
+    next: Instant,
+}
+
+impl StatusFile {
+    fn new(dir: &Path) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<String>(4);
+        let dir = dir.to_path_buf();
+        std::thread::Builder::new()
+            .name("status-file".into())
+            .spawn(move || {
+                while let Ok(mut text) = rx.recv() {
+                    // Only the newest matters.
+                    while let Ok(t) = rx.try_recv() {
+                        text = t;
+                    }
+                    let tmp = dir.join(".status.tmp");
+                    if std::fs::write(&tmp, &text).is_ok() {
+                        let _ = std::fs::rename(&tmp, dir.join(STATUS));
+                    }
+                }
+            })
+            .expect("a thread for the status file");
+        StatusFile {
+            tx,
+            next: Instant::now(),
+        }
+    }
+
+    /// Whether it is time to write again.
+    fn due(&self, now: Instant) -> bool {
+        now >= self.next
+    }
+
+    /// When the next write is due.
+    fn deadline(&self) -> Instant {
+        self.next
+    }
+
+    fn write(&mut self, text: String, now: Instant) {
+        let _ = self.tx.try_send(text);
+        self.next = now + STATUS_EVERY;
+    }
+
+    /// Write now and wait until it is on disk (before the process exits).
+    fn write_now(dir: &Path, text: &str) {
+        let tmp = dir.join(".status.tmp");
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, dir.join(STATUS));
+        }
+    }
+}
+
+/// The newest epoch this node knew, kept in its log directory across
+/// restarts (0: none).
+fn read_epoch(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join(EPOCH))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Keep `epoch` in the log directory (written whole, then renamed).
+fn save_epoch(dir: &Path, epoch: u64) -> anyhow::Result<()> {
+    let tmp = dir.join(".epoch.tmp");
+    std::fs::write(&tmp, format!("{epoch}\n"))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(EPOCH)))
+        .with_context(|| format!("saving the epoch in {}", dir.display()))
+}
+
+/// `hotstandby status --log DIR`.
+pub fn status(dir: &Path) -> anyhow::Result<u8> {
+    let p = dir.join(STATUS);
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "no status in {} (is run/standby running there?)",
+            dir.display()
+        )
+    })?;
+    let age = std::fs::metadata(&p)?
+        .modified()?
+        .elapsed()
+        .unwrap_or_default();
+    print!("{text}");
+    println!(
+        "status age:  {} ms{}",
+        age.as_millis(),
+        if age > Duration::from_secs(2) {
+            " (stale: the node is not running)"
+        } else {
+            ""
+        }
+    );
+    Ok(0)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// The length of the longest prefix of the file that is whole frames.
+fn valid_prefix(path: &Path) -> u64 {
+    let Ok(bytes) = std::fs::read(path) else {
+        return 0;
+    };
+    let mut aligned = rkyv::util::AlignedVec::<16>::new();
+    aligned.extend_from_slice(&bytes);
+    let Ok(mut r) = FrameReader::new(&aligned) else {
+        return 0;
+    };
+    let mut end = r.position();
+    for f in r.by_ref() {
+        match f {
+            Ok(f) => end = f.end,
+            Err(_) => break,
+        }
+    }
+    end as u64
+}
+
+/// The earliest of the session's next timer and the next status write.
+fn deadline(session: Option<Instant>, status: Instant) -> tokio::time::Instant {
+    let d = session.map_or(status, |s| s.min(status));
+    tokio::time::Instant::from_std(d)
+}

@@ -1,0 +1,440 @@
+//! The standby's side: `hotstandby standby` follows a primary, appends its
+//! log, replays it in lockstep and, when the session declares the primary
+//! lost, goes live and serves as the primary of the next epoch.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hotstandby_netguard::gate::Gate;
+use hotstandby_protocol::session::{Config, Standby, StandbyState, Transmit};
+use hotstandby_protocol::wire::{Message, Role};
+use hotstandby_recorder::logfile::{self, EventCursor, LogWriter, Throttle, STREAM};
+use hotstandby_replayer::{LiveFeed, ReplayOptions};
+use hotstandby_transport::{self as transport, Endpoint, MsgStream};
+
+use super::vip::Vip;
+use super::{
+    deadline, primary, read_epoch, runtime, save_epoch, valid_prefix, LagClock, StatusFile, Tls,
+    EXIT_STEPPED_DOWN,
+};
+
+/// `hotstandby standby`.
+#[allow(clippy::too_many_arguments)]
+pub fn standby(
+    primary: SocketAddr,
+    log: PathBuf,
+    tls: Tls,
+    cfg: Config,
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    vip: Option<Vip>,
+) -> anyhow::Result<u8> {
+    use std::os::unix::fs::DirBuilderExt;
+    let (keys, peer) = tls.load()?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&log)
+        .with_context(|| format!("creating {}", log.display()))?;
+    let path = log.join(STREAM);
+    let resume = valid_prefix(&path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)?;
+    file.set_len(resume)?;
+    let feed = Arc::new(LiveFeed::default());
+    let throttle = Arc::new(Throttle::new(cfg.max_unacked));
+    let rt = runtime()?;
+    let client = {
+        let _g = rt.enter();
+        transport::client("0.0.0.0:0".parse().expect("addr"), &keys, peer.clone())?
+    };
+    // The output rule is ready before this host can become primary (it
+    // matches nothing until the virtual IP is here, and lets everything out
+    // until a standby of this node is attached).
+    let guard = match &vip {
+        Some(v) => Some(v.guard()?),
+        None => None,
+    };
+    let net = vip.clone().zip(guard.as_ref().map(|g| g.gate.clone()));
+    let mut replayer: Option<std::thread::JoinHandle<anyhow::Result<i32>>> = None;
+    let lost_at_epoch = rt.block_on(follow(
+        &client,
+        primary,
+        &log,
+        &file,
+        cfg,
+        resume,
+        &feed,
+        &throttle,
+        &data_dir,
+        &mut replayer,
+        &net,
+    ))?;
+    let Some(rep) = replayer else {
+        bail!("the primary at {primary} was never reached with a log; nothing to take over");
+    };
+    let Some(epoch) = lost_at_epoch else {
+        let code = rep
+            .join()
+            .map_err(|_| anyhow::anyhow!("the replay thread panicked"))??;
+        eprintln!("hotstandby: the program exited on the primary (status {code}); the standby's replay completed");
+        return Ok(code.clamp(0, 255) as u8);
+    };
+    // Promoted: serve a new standby from the continued log, and tell the
+    // old primary, should it come back, that it has been replaced.
+    let listen =
+        listen.unwrap_or_else(|| SocketAddr::new("0.0.0.0".parse().expect("addr"), primary.port()));
+    // The session took the next epoch when it declared the primary lost;
+    // `serve` keeps it in the log directory.
+    eprintln!("hotstandby: this node is the primary of epoch {epoch}");
+    let ep = {
+        let _g = rt.enter();
+        transport::server(listen, &keys, peer)?
+    };
+    let announce = rt.spawn(announce_takeover(client.clone(), primary, epoch));
+    let finished = || rep.is_finished();
+    let n = net.as_ref().map(|(v, g)| (v, g.clone()));
+    let stepped_down = rt.block_on(primary::serve(ep, &log, cfg, epoch, throttle, &finished, n));
+    announce.abort();
+    if let Ok(true) = stepped_down {
+        eprintln!("hotstandby: another host holds the virtual IP now: this primary steps down");
+        if let Some(g) = guard {
+            g.step_down();
+        }
+        std::process::exit(EXIT_STEPPED_DOWN as i32);
+    }
+    let code = rep
+        .join()
+        .map_err(|_| anyhow::anyhow!("the live program thread panicked"))??;
+    if let Some(g) = guard {
+        g.finish();
+    }
+    if let Some((v, _)) = &net {
+        v.del();
+    }
+    Ok(code.clamp(0, 255) as u8)
+}
+
+/// Tell the old primary, for a while, that a newer primary exists.
+async fn announce_takeover(ep: Endpoint, old: SocketAddr, epoch: u64) {
+    for _ in 0..600 {
+        if let Ok(Ok(conn)) =
+            tokio::time::timeout(Duration::from_millis(500), transport::connect(&ep, old)).await
+        {
+            if let Ok(mut s) = MsgStream::open(&conn).await {
+                let hello = Message::Hello {
+                    version_min: hotstandby_protocol::wire::VERSION_MIN,
+                    version_max: hotstandby_protocol::wire::VERSION_MAX,
+                    role: Role::Primary,
+                    epoch,
+                    resume_offset: 0,
+                    exe_sha256: [0; 32],
+                };
+                let _ = s.send(&hello).await;
+                let _ = transport::send_datagram(
+                    &conn,
+                    &Message::Heartbeat {
+                        role: Role::Primary,
+                        epoch,
+                        sent_ms: 0,
+                        offset: 0,
+                    },
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn start_replay(
+    log: &Path,
+    feed: &Arc<LiveFeed>,
+    throttle: &Arc<Throttle>,
+    data_dir: &Option<PathBuf>,
+    net: &Option<(Vip, Arc<Gate>)>,
+) -> std::thread::JoinHandle<anyhow::Result<i32>> {
+    let (log, feed, throttle, data_dir, net) = (
+        log.to_path_buf(),
+        feed.clone(),
+        throttle.clone(),
+        data_dir.clone(),
+        net.clone(),
+    );
+    std::thread::Builder::new()
+        .name("replay".into())
+        .spawn(move || {
+            let opts = ReplayOptions {
+                show_output: false,
+                go_live: true,
+                live: Some(feed),
+                data_dir,
+                vip: net.as_ref().and_then(|(v, _)| v.ip().parse().ok()),
+            };
+            let out = hotstandby_replayer::replay(&log, &opts)?;
+            let Some(h) = out.handover else {
+                return Ok(out.exit_status);
+            };
+            eprintln!(
+            "hotstandby: GOING LIVE after {} events: the program now runs for real on this host",
+            h.events
+        );
+            for (fd, what) in &h.listeners {
+                eprintln!("hotstandby: listening socket fd {fd}: {what}");
+            }
+            for (fd, what) in &h.connections {
+                eprintln!("hotstandby: connection fd {fd}: {what}");
+            }
+            // The sockets are ready: now take the address clients use.
+            if let Some((v, _)) = &net {
+                v.add()?;
+                v.announce();
+            }
+            let mut h = h;
+            for e in h.resend_tails() {
+                eprintln!("hotstandby: {e}");
+            }
+            let mut w = LogWriter::resume(&log, h.log_offset, h.next_seq, h.events)?;
+            w.set_throttle(throttle);
+            let obs: Arc<dyn hotstandby_protocol::observe::NetObserver> =
+                hotstandby_netguard::observer::Observer::new(net.map(|(_, g)| g));
+            let o = hotstandby_recorder::continue_live(h.takeover, w, Some(obs))?;
+            Ok(o.exit_status)
+        })
+        .expect("a thread for the replay")
+}
+
+/// Follow the primary. Returns the epoch this node now holds when the
+/// primary was declared lost (go live), `None` when the log completed.
+#[allow(clippy::too_many_arguments)]
+async fn follow(
+    ep: &Endpoint,
+    primary: SocketAddr,
+    log: &Path,
+    file: &std::fs::File,
+    cfg: Config,
+    resume: u64,
+    feed: &Arc<LiveFeed>,
+    throttle: &Arc<Throttle>,
+    data_dir: &Option<PathBuf>,
+    replayer: &mut Option<std::thread::JoinHandle<anyhow::Result<i32>>>,
+    net: &Option<(Vip, Arc<Gate>)>,
+) -> anyhow::Result<Option<u64>> {
+    let mut session = Standby::new(
+        cfg,
+        logfile::log_id(log)
+            .filter(|_| resume > 0)
+            .unwrap_or([0; 32]),
+        resume,
+    );
+    // Never below an epoch this node already knew.
+    let mut saved_epoch = read_epoch(log);
+    session.know_epoch(saved_epoch);
+    let mut status = StatusFile::new(log);
+    let mut backoff = Duration::from_millis(100);
+    let mut last_heard: Option<Instant> = None;
+    let mut written = resume;
+    let mut last_progress = Instant::now();
+    let mut catching_up = false;
+    let mut clock = LagClock::default();
+    loop {
+        if let Some(r) = replayer.as_ref() {
+            if r.is_finished() {
+                return Ok(None);
+            }
+        }
+        let conn =
+            match tokio::time::timeout(Duration::from_secs(2), transport::connect(ep, primary))
+                .await
+            {
+                Ok(Ok(c)) => c,
+                other => {
+                    if let (Some(t), Some(_)) = (last_heard, replayer.as_ref()) {
+                        if session.handle_timeout(Instant::now()) {
+                            eprintln!(
+                                "hotstandby: the primary at {primary} is gone (silent for {} ms)",
+                                t.elapsed().as_millis()
+                            );
+                            return Ok(Some(lost(log, &session, feed)?));
+                        }
+                    }
+                    let why = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    };
+                    eprintln!(
+                        "hotstandby: connecting to {primary}: {why}; retrying in {} ms",
+                        backoff.as_millis()
+                    );
+                    tokio::time::sleep(if last_heard.is_some() {
+                        Duration::from_millis(20)
+                    } else {
+                        backoff
+                    })
+                    .await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+        backoff = Duration::from_millis(100);
+        session.handle_connected(Instant::now());
+        let mut stream = MsgStream::open(&conn).await?;
+        eprintln!("hotstandby: connected to primary {primary}; resuming the log at byte {written}");
+        loop {
+            let now = Instant::now();
+            while let Some(t) = session.poll_transmit(now) {
+                match t {
+                    Transmit::Stream(m) => stream.send(&m).await?,
+                    Transmit::Datagram(m) => {
+                        let _ = transport::send_datagram(&conn, &m);
+                    }
+                    Transmit::LogRange { .. } => {}
+                }
+            }
+            let mut broken = false;
+            tokio::select! {
+                m = stream.recv() => match m {
+                    Ok(Some(msg)) => {
+                        last_heard = Some(Instant::now());
+                        let bytes = match &msg { Message::Log { bytes, .. } => Some(bytes.clone()), _ => None };
+                        match session.handle_message(msg, Instant::now()) {
+                            Ok(Some((off, len))) => {
+                                let bytes = bytes.expect("a log message");
+                                file.write_all_at(&bytes, off).with_context(|| format!("writing the standby's log in {}", log.display()))?;
+                                written = off + len as u64;
+                                clock.grew(written, Instant::now());
+                                session.handle_written(written);
+                                if replayer.is_none() {
+                                    match EventCursor::open(log, true) {
+                                        Ok(c) => {
+                                            if let Err(e) = hotstandby_replayer::check_identity(c.identity()) {
+                                                let reason = e.to_string();
+                                                let _ = stream.send(&Message::Refuse { reason: reason.clone() }).await;
+                                                conn.close(1u32.into(), b"wrong program");
+                                                bail!("{reason}");
+                                            }
+                                            *replayer = Some(start_replay(log, feed, throttle, data_dir, net));
+                                        }
+                                        Err(logfile::LogError::Corrupt { .. }) | Err(logfile::LogError::NoHeader { .. }) => {}
+                                        Err(e) => return Err(e.into()),
+                                    }
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                eprintln!("hotstandby: primary session: {e}");
+                                if matches!(e, hotstandby_protocol::session::SessionError::Refused(_)) {
+                                    bail!("the primary refused this standby: {e}");
+                                }
+                                broken = true;
+                            }
+                        }
+                    }
+                    Ok(None) | Err(_) => broken = true,
+                },
+                d = conn.read_datagram() => {
+                    if let Ok(d) = d {
+                        if let Ok((m, _)) = Message::decode(&d) {
+                            last_heard = Some(Instant::now());
+                            let _ = session.handle_message(m, Instant::now());
+                        }
+                    }
+                }
+                // The session's next heartbeat or timeout, or a status write.
+                _ = tokio::time::sleep_until(deadline(session.poll_timeout(), status.deadline())) => {}
+            }
+            let now = Instant::now();
+            if session.epoch() != saved_epoch {
+                save_epoch(log, session.epoch())?;
+                saved_epoch = session.epoch();
+            }
+            if replayer.is_some() && session.handle_timeout(now) {
+                eprintln!(
+                    "hotstandby: no heartbeat from the primary for {} ms: taking over",
+                    cfg.timeout.as_millis()
+                );
+                conn.close(0u32.into(), b"primary lost");
+                return Ok(Some(lost(log, &session, feed)?));
+            }
+            if let Some(r) = replayer.as_ref() {
+                if r.is_finished() {
+                    return Ok(None);
+                }
+            }
+            if status.due(now) {
+                let st = session.status(now);
+                let behind = written.saturating_sub(feed.position.load(Relaxed));
+                // Progress of a standby catching up on a long log.
+                if replayer.is_some() && now - last_progress > Duration::from_secs(1) {
+                    if behind > 1 << 20 {
+                        let pct =
+                            100.0 * feed.position.load(Relaxed) as f64 / written.max(1) as f64;
+                        eprintln!(
+                            "hotstandby: catching up: {pct:5.1}% of {:.1} MB replayed ({} events)",
+                            written as f64 / 1e6,
+                            feed.replayed.load(Relaxed)
+                        );
+                        catching_up = true;
+                    } else if catching_up {
+                        eprintln!("hotstandby: caught up; following live");
+                        catching_up = false;
+                    }
+                    last_progress = now;
+                }
+                status.write(
+                    format!(
+                        "role:        standby (following epoch {})\nstate:       {}\npeer:        {primary}\nlog:         {} bytes held\nreplay lag:  {behind} bytes not yet replayed (oldest {} ms)\nprogram:     {}\nreplayed:    {} events\nlast heard:  {}\n",
+                        st.epoch,
+                        st.state,
+                        st.log_bytes,
+                        clock.ms(feed.position.load(Relaxed), now),
+                        if replayer.is_some() { "replaying in lockstep" } else { "not started (waiting for the log header)" },
+                        feed.replayed.load(Relaxed),
+                        st.last_heard.map(|d| format!("{} ms ago", d.as_millis())).unwrap_or_else(|| "never".into()),
+                    ),
+                    now,
+                );
+            }
+            if let Some(quinn_closed) = conn.close_reason() {
+                let text = quinn_closed.to_string();
+                if let hotstandby_transport::ConnectionError::ApplicationClosed(ac) = &quinn_closed
+                {
+                    if u64::from(ac.error_code) == 2 {
+                        bail!(
+                            "the primary refused this standby: {}",
+                            String::from_utf8_lossy(&ac.reason)
+                        );
+                    }
+                }
+                let _ = text;
+                broken = true;
+            }
+            if broken || session.state() == StandbyState::Disconnected {
+                if let Some(why) = conn.close_reason() {
+                    eprintln!("hotstandby: the connection to the primary ended: {why}");
+                }
+                session.handle_disconnected();
+                break;
+            }
+        }
+    }
+}
+
+/// The primary is declared lost: keep the new epoch, tell the replay to go
+/// live with what it holds.
+fn lost(log: &Path, session: &Standby, feed: &LiveFeed) -> anyhow::Result<u64> {
+    save_epoch(log, session.epoch())?;
+    feed.lost_ms
+        .store(hotstandby_netguard::tcp::wall_ms(), Relaxed);
+    feed.lost.store(true, Relaxed);
+    Ok(session.epoch())
+}
