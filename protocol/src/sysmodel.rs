@@ -337,6 +337,9 @@ table! {
     SYS_setgroups: Local, [Len, Ptr], [], false;
     SYS_setresuid: Local, [Int, Int, Int], [], false;
     SYS_setresgid: Local, [Int, Int, Int], [], false;
+    SYS_capset: Local, [Ptr, Ptr], [], false;
+    SYS_setfsuid: Local, [Int], [], false;
+    SYS_setfsgid: Local, [Int], [], false;
     SYS_kill: Special, [Pid, Sig], [], false, Kill;
     SYS_tkill: Special, [Pid, Sig], [], false, Kill;
     SYS_tgkill: Special, [Pid, Pid, Sig], [], false, Kill;
@@ -470,6 +473,10 @@ table! {
     SYS_perf_event_open: Refuse, [Ptr, Pid, Int, Fd, Hex], [], false;
     SYS_bpf: Refuse, [Int, Ptr, Len], [], false;
     SYS_seccomp: Refuse, [Int, Hex, Ptr], [], false;
+    // Memory protection keys: V8 and others check for them and do without.
+    SYS_pkey_alloc: Refuse, [Hex, Hex], [], false, Fallback;
+    SYS_pkey_free: Refuse, [Int], [], false, Fallback;
+    SYS_pkey_mprotect: Refuse, [Ptr, Len, Hex, Int], [], false, Fallback;
 }
 
 static TABLE: LazyLock<Vec<Option<Spec>>> = LazyLock::new(build);

@@ -256,12 +256,22 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
-/// SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to the supervisor go to the
-/// program (which then records them like any other signal) instead of
-/// ending the supervisor and losing the end of the log.
+/// SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGWINCH sent to
+/// the supervisor go to the program (which then records them like any
+/// other signal) instead of ending the supervisor and losing the end of the
+/// log. This is how an operator signals the program: in its own PID
+/// namespace, the pids it writes into pid files are not the host's.
 pub(crate) fn forward_signals(pid: Tid) {
     TRACEE.store(pid, std::sync::atomic::Ordering::Relaxed);
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+    for sig in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGWINCH,
+    ] {
         // SAFETY: installs an async-signal-safe handler (it only calls
         // kill); the sigaction struct is fully initialised.
         unsafe {
@@ -274,9 +284,11 @@ pub(crate) fn forward_signals(pid: Tid) {
     }
 }
 
-/// Copy a directory tree (regular files, directories, symlinks).
+/// Copy a directory tree (regular files, directories, symlinks), keeping
+/// modes and, as root, owners: a program that drops privileges (nginx's
+/// workers run as `nobody`) must find its files as readable as they were.
 pub fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -291,9 +303,15 @@ pub fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
             std::os::unix::fs::symlink(std::fs::read_link(e.path())?, &to)?;
         } else if ft.is_file() {
             std::fs::copy(e.path(), &to)?;
+        } else {
+            continue;
         }
+        let m = std::fs::symlink_metadata(e.path())?;
+        let _ = std::os::unix::fs::lchown(&to, Some(m.uid()), Some(m.gid()));
     }
-    Ok(())
+    let m = std::fs::metadata(src)?;
+    let _ = std::os::unix::fs::chown(dst, Some(m.uid()), Some(m.gid()));
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(m.mode() & 0o7777))
 }
 
 impl Recorder {
@@ -621,16 +639,22 @@ impl Recorder {
 
     /// Go on with user code after a logged syscall, or yield to another
     /// runnable thread at the end of a time slice.
+    ///
+    /// A thread whose syscall may have waited (`blocking`) yields to one
+    /// that became runnable meanwhile: otherwise a thread that sleeps in
+    /// short steps (memcached's maintainer) keeps the others waiting for a
+    /// whole time slice of sleeps (35 ms per memcached request, measured).
     pub(crate) fn resume_after_syscall(
         &mut self,
         s: Stopped,
         rip: u64,
         nr: u32,
+        blocking: bool,
     ) -> Result<(), RecordError> {
         let t = s.tid();
         let th = self.th(t);
         th.slice += 1;
-        let yield_now = nr as i64 == libc::SYS_sched_yield || th.slice >= SLICE;
+        let yield_now = nr as i64 == libc::SYS_sched_yield || th.slice >= SLICE || blocking;
         if yield_now && !self.runq.is_empty() {
             self.th(t).st = St::Ready(s);
             self.runq.push_back(t);

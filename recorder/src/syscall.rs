@@ -140,7 +140,7 @@ impl Recorder {
             path: vec![],
         }))?;
         let rip = s.regs()?.rip;
-        self.resume_after_syscall(s, rip, nr)
+        self.resume_after_syscall(s, rip, nr, false)
     }
 
     /// exit / exit_group: log it and let the thread (or process) go.
@@ -231,7 +231,7 @@ impl Recorder {
         if ret >= 0 {
             self.net_after(t, p.spec, &p.args, ret)?;
         }
-        self.resume_after_syscall(s, regs.rip, p.nr)
+        self.resume_after_syscall(s, regs.rip, p.nr, p.plan.blocking)
     }
 
     /// A syscall interrupted by a signal, when its thread runs again: log

@@ -374,21 +374,25 @@ pub(crate) fn call_str(nr: u32, args: &[u64; 6]) -> String {
     format!("{}({})", sysmodel::name(nr), a.join(", "))
 }
 
-/// Wait for a stop of a running thread, passing over the SIGCHLD the kernel
-/// sends when a replayed child process exits (the recorded one comes from
-/// the log).
+/// Whether a signal stop on replay is one of the standby's own: every
+/// asynchronous signal the program gets here (a replayed child's SIGCHLD,
+/// the SIGIO of a socketpair the program owns, an operator's kill) is
+/// passed over; the recorded ones come from the log, at their recorded
+/// points. Only a synchronous fault (and rdtsc's) belongs to the replay.
+pub(crate) fn stray(stop: &Stop) -> bool {
+    match stop {
+        Stop::Signal { sig, info } => !hotstandby_recorder::is_fault(*sig, &info[..]),
+        Stop::Group { .. } => true,
+        _ => false,
+    }
+}
+
+/// Wait for a stop of a running thread, passing over the standby's own
+/// signals ([`stray`]).
 pub(crate) fn wait_for(mut run: Running) -> Result<Waited, ReplayError> {
     loop {
         match run.wait()? {
-            Waited::Stopped(
-                s,
-                Stop::Signal {
-                    sig: libc::SIGCHLD,
-                    info,
-                },
-            ) if sys::si_code(&info[..]) > 0 => {
-                run = s.resume(0)?;
-            }
+            Waited::Stopped(s, stop) if stray(&stop) => run = s.resume(0)?,
             w => return Ok(w),
         }
     }

@@ -15,7 +15,7 @@ use hotstandby_tracer::{
 };
 
 use crate::divergence::Kind;
-use crate::engine::{call_str, describe, wait_for, Engine, ReplayError, St};
+use crate::engine::{call_str, describe, stray, wait_for, Engine, ReplayError, St};
 
 /// A read asked for exactly its recorded byte count. A pipe read returns as
 /// soon as some bytes are there, so the supervisor makes it again for the
@@ -594,12 +594,7 @@ impl Engine<'_> {
             Waited::Stopped(s, Stop::Entry | Stop::SyscallEnter) => {
                 let _ = s.syscall(0)?;
             }
-            Waited::Stopped(
-                s,
-                Stop::Signal {
-                    sig: libc::SIGCHLD, ..
-                },
-            ) => {
+            Waited::Stopped(s, stop) if stray(&stop) => {
                 let _ = s.syscall(0)?;
             }
             Waited::Stopped(mut s, Stop::Exit) => {
@@ -681,14 +676,8 @@ impl Engine<'_> {
                         std::thread::sleep(std::time::Duration::from_micros(20));
                         continue;
                     }
-                    Ok(Waited::Stopped(
-                        s,
-                        Stop::Signal {
-                            sig: libc::SIGCHLD,
-                            info,
-                        },
-                    )) if hotstandby_tracer::sys::si_code(&info[..]) > 0 => {
-                        run = s.resume(0)?;
+                    Ok(Waited::Stopped(s, stop)) if stray(&stop) => {
+                        run = s.syscall(0)?;
                         continue;
                     }
                     Ok(w) => w,

@@ -87,6 +87,22 @@ pub fn require_root() {
     assert_eq!(uid, 0, "this test needs root (private mount namespace for the data directory); run it as root, as CI does");
 }
 
+/// Tie a child to the test thread that starts it: if the test is killed
+/// (a timeout), the kernel kills the child too, so nothing a test started
+/// outlives it (a spinning recording once did, loading the machine for
+/// hours).
+pub fn tie(c: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl only sets a flag of the child; async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            Ok(())
+        });
+    }
+    c
+}
+
 /// Run `hotstandby record` in `cwd`.
 pub fn record(
     bin: &Path,
@@ -97,6 +113,7 @@ pub fn record(
     stdin: Option<&Path>,
 ) -> Output {
     let mut c = Command::new(bin);
+    tie(&mut c);
     c.arg("record").arg("--log").arg(log);
     if let Some(d) = data_dir {
         c.arg("--data-dir").arg(d);
@@ -111,7 +128,7 @@ pub fn record(
 
 /// Run `hotstandby replay --show-output`.
 pub fn replay(bin: &Path, log: &Path) -> Output {
-    Command::new(bin)
+    tie(&mut Command::new(bin))
         .args(["replay", "--show-output", "--log"])
         .arg(log)
         .stdin(Stdio::null())
@@ -184,6 +201,9 @@ impl Rng {
             .expect("clock")
             .as_nanos() as u64;
         Rng(t | 1)
+    }
+    pub fn seeded(seed: u64) -> Self {
+        Rng(seed | 1)
     }
     pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
@@ -262,6 +282,7 @@ impl TwoHosts {
     /// A command run inside a host's namespace.
     pub fn cmd(&self, ns: &str, program: &Path) -> Command {
         let mut c = Command::new("ip");
+        tie(&mut c);
         c.args(["netns", "exec", ns]).arg(program);
         c
     }
@@ -362,6 +383,7 @@ impl Lan {
     /// A command run inside a host's namespace.
     pub fn cmd(&self, ns: &str, program: &Path) -> Command {
         let mut c = Command::new("ip");
+        tie(&mut c);
         c.args(["netns", "exec", ns]).arg(program);
         c
     }

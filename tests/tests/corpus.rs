@@ -88,7 +88,7 @@ fn sha256_of_urandom_from_outside() {
     let b = bin();
     let s = Scratch::new("sha");
     let log = s.join("log");
-    let mut rec = Command::new(&b)
+    let mut rec = tie(&mut Command::new(&b))
         .arg("record")
         .arg("--log")
         .arg(&log)
@@ -273,7 +273,7 @@ fn tcp_echo_server() {
     let port = free_port();
     let py = python();
     let script = programs_dir().join("echo_server.py");
-    let child = Command::new(&b)
+    let child = tie(&mut Command::new(&b))
         .arg("record")
         .arg("--log")
         .arg(&log)
@@ -326,7 +326,7 @@ fn thread_per_connection_server_with_dup() {
     let s = Scratch::new("tpc");
     let log = s.join("log");
     let port = free_port();
-    let child = Command::new(&b)
+    let child = tie(&mut Command::new(&b))
         .arg("record")
         .arg("--log")
         .arg(&log)
@@ -382,7 +382,7 @@ fn redis_server_session() {
     std::fs::create_dir(&data).unwrap();
     let log = s.join("log");
     let port = free_port();
-    let child = Command::new(&b)
+    let child = tie(&mut Command::new(&b))
         .arg("record")
         .arg("--log")
         .arg(&log)

@@ -52,7 +52,7 @@ fn counter_continues_without_gap_or_repetition() {
     let log = s.join("log");
     let file = data.join("counter.txt");
     let n = 700;
-    let mut rec = Command::new(&b)
+    let mut rec = tie(&mut Command::new(&b))
         .arg("record")
         .arg("--log")
         .arg(&log)
@@ -80,7 +80,7 @@ fn counter_continues_without_gap_or_repetition() {
         frozen,
         "nothing runs unsupervised after the supervisor died"
     );
-    let v = Command::new(&b)
+    let v = tie(&mut Command::new(&b))
         .args(["log", "verify"])
         .arg(&log)
         .output()
@@ -93,7 +93,7 @@ fn counter_continues_without_gap_or_repetition() {
 
     // The standby's data directory starts as the primary's did: empty.
     std::fs::remove_file(&file).unwrap();
-    let live = Command::new(&b)
+    let live = tie(&mut Command::new(&b))
         .args(["replay", "--go-live", "--log"])
         .arg(&log)
         .stdout(Stdio::piped())
@@ -106,7 +106,7 @@ fn counter_continues_without_gap_or_repetition() {
     assert_counts(&lines(&file), n);
 
     // The continued log is complete and replays whole, old part and new.
-    let v = Command::new(&b)
+    let v = tie(&mut Command::new(&b))
         .args(["log", "verify"])
         .arg(&log)
         .output()
@@ -141,7 +141,7 @@ fn redis_keeps_every_acknowledged_write_across_a_takeover() {
     std::fs::create_dir(&data).unwrap();
     let log = s.join("log");
     let port = free_port();
-    let mut rec = Command::new(&b)
+    let mut rec = tie(&mut Command::new(&b))
         .arg("record")
         .arg("--log")
         .arg(&log)
@@ -184,7 +184,7 @@ fn redis_keeps_every_acknowledged_write_across_a_takeover() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut live = Command::new(&b)
+    let mut live = tie(&mut Command::new(&b))
         .args(["replay", "--go-live", "--log"])
         .arg(&log)
         .stdout(Stdio::null())
@@ -216,7 +216,7 @@ fn redis_keeps_every_acknowledged_write_across_a_takeover() {
 fn the_demo_fails_over() {
     require_root();
     let b = bin();
-    let o = Command::new(&b).arg("demo").output().unwrap();
+    let o = tie(&mut Command::new(&b)).arg("demo").output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(
         o.status.code(),
@@ -243,7 +243,7 @@ fn the_counter_check_catches_a_takeover_over_the_wrong_files() {
     let log = s.join("log");
     let file = data.join("counter.txt");
     let n = 400;
-    let mut rec = Command::new(&b)
+    let mut rec = tie(&mut Command::new(&b))
         .arg("record")
         .arg("--log")
         .arg(&log)
@@ -258,7 +258,7 @@ fn the_counter_check_catches_a_takeover_over_the_wrong_files() {
     rec.kill().unwrap();
     rec.wait().unwrap();
     // counter.txt is NOT reset: replay appends the recorded numbers again.
-    let live = Command::new(&b)
+    let live = tie(&mut Command::new(&b))
         .args(["replay", "--go-live", "--log"])
         .arg(&log)
         .stdout(Stdio::null())

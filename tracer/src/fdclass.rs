@@ -43,6 +43,10 @@ pub fn classify_target(link: &str, meta: impl FnOnce() -> Option<std::fs::Metada
     if link.starts_with("/proc/") || link.starts_with("/sys/") {
         return FdKind::External;
     }
+    if link.starts_with("/dev/shm/") {
+        // POSIX shared memory: the program's own (its /dev/shm is private).
+        return FdKind::File;
+    }
     if matches!(link, "/dev/null" | "/dev/zero" | "/dev/full") {
         return FdKind::Internal;
     }
@@ -76,6 +80,10 @@ mod tests {
         assert_eq!(classify_target("/proc/cpuinfo", || None), FdKind::External);
         assert_eq!(classify_target("/dev/urandom", || None), FdKind::External);
         assert_eq!(classify_target("/dev/null", || None), FdKind::Internal);
+        assert_eq!(
+            classify_target("/dev/shm/PostgreSQL.1", || None),
+            FdKind::File
+        );
         assert_eq!(
             classify_target("anon_inode:[timerfd]", || None),
             FdKind::External

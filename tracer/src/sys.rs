@@ -388,6 +388,18 @@ pub fn fork_tracee(setup: &ChildSetup) -> Result<i32, SysError> {
         {
             fail(b"hotstandby: mounting /proc for the program's PID namespace failed\n");
         }
+        // A /dev/shm of its own: POSIX shared memory and semaphores are
+        // named there, and must not meet another run's (nor anyone's).
+        if libc::mount(
+            c"tmpfs".as_ptr(),
+            c"/dev/shm".as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            c"mode=1777".as_ptr() as *const libc::c_void,
+        ) != 0
+        {
+            fail(b"hotstandby: mounting a private /dev/shm for the program failed\n");
+        }
         if let Some((src, dst)) = &setup.bind {
             if libc::mount(
                 src.as_ptr(),
