@@ -265,3 +265,25 @@ fn missing_log_directory_is_a_clear_error() {
         stderr(&o)
     );
 }
+
+/// A log directory inside the data directory is refused before anything
+/// starts: the log would be part of the state it records (and replay's copy
+/// of the data directory would hold the log). Nothing is made.
+#[test]
+fn a_log_inside_the_data_directory_is_refused() {
+    let b = bin();
+    let s = Scratch::new("neg-log-in-data");
+    let data = s.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("f"), "x").unwrap();
+    let o = record(&b, &data.join("log"), s.path(), Some(&data), &["true"], None);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("inside the data directory"), "{e}");
+    assert!(!data.join("log").exists(), "no log directory was made");
+    // Also through a relative path and a symlink to the data directory.
+    std::os::unix::fs::symlink(&data, s.join("link")).unwrap();
+    let o = record(&b, Path::new("link/sub/log"), s.path(), Some(Path::new("data")), &["true"], None);
+    assert!(stderr(&o).contains("inside the data directory"), "{}", stderr(&o));
+    assert!(!s.join("link/sub").exists(), "nothing was made through the link");
+}

@@ -26,13 +26,17 @@ fn bin() -> PathBuf {
 
 /// The path of a program, or a failure naming the package to install.
 fn need(program: &str, package: &str) -> PathBuf {
-    for dir in [
-        "/usr/sbin",
-        "/usr/bin",
-        "/usr/local/bin",
-        "/usr/lib/postgresql/15/bin",
-    ] {
-        let p = Path::new(dir).join(program);
+    // PostgreSQL's server programs live in a versioned directory.
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.reverse();
+    for d in ["/usr/sbin", "/usr/bin", "/usr/local/bin"] {
+        dirs.push(PathBuf::from(d));
+    }
+    for dir in dirs {
+        let p = dir.join(program);
         if p.exists() {
             return p;
         }
@@ -460,4 +464,81 @@ public class Pool {
         None,
     );
     assert!(String::from_utf8_lossy(&out).starts_with("acc="));
+}
+
+/// A recorded server that exits while a client is connected leaves the
+/// connection's TIME-WAIT on its port; a new server must bind that port at
+/// once (the supervisor's TCP_REPAIR capture must not clear the socket's
+/// reuse flag, which would make that TIME-WAIT block the port for 60 s).
+#[test]
+fn a_recorded_server_that_exits_can_be_started_again_at_once() {
+    let b = bin();
+    let redis = need("redis-server", "redis-server");
+    let s = Scratch::new("restart");
+    let port = free_port();
+    let ps = port.to_string();
+    let args = [
+        redis.to_str().unwrap(),
+        "--port",
+        &ps,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        s.path().to_str().unwrap(),
+    ];
+    let mut rec = start_record(&b, &s.join("log"), None, s.path(), &args);
+    wait_listening(port);
+    // A client that stays connected, so the server closes first.
+    let mut keep = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    keep.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    keep.write_all(b"PING\r\n").unwrap();
+    let mut pong = [0u8; 7];
+    std::io::Read::read_exact(&mut keep, &mut pong).unwrap();
+    assert_eq!(&pong, b"+PONG\r\n");
+    let mut cli = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    cli.write_all(b"SHUTDOWN NOSAVE\r\n").unwrap();
+    let o = rec.wait(60);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    // The clients close after the server did: the server's side waits.
+    drop(keep);
+    drop(cli);
+    std::thread::sleep(Duration::from_millis(100));
+    // The case is real: the server's side of a connection is in TIME-WAIT.
+    let ss = Command::new("ss")
+        .args(["-tan", "state", "time-wait", "sport", "=", &format!(":{port}")])
+        .output()
+        .unwrap();
+    let tw = String::from_utf8_lossy(&ss.stdout).lines().count();
+    assert!(tw > 1, "expected a TIME-WAIT on port {port}: {}", String::from_utf8_lossy(&ss.stdout));
+    let mut native = Guard(Some(
+        tie(&mut Command::new(&redis))
+            .args(&args[1..])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    let alive = TcpStream::connect(("127.0.0.1", port)).and_then(|mut c| {
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"PING\r\n")?;
+        let mut p = [0u8; 7];
+        std::io::Read::read_exact(&mut c, &mut p)?;
+        Ok(p)
+    });
+    if alive.as_ref().map(|p| p == b"+PONG\r\n").unwrap_or(false) {
+        signal(&native, libc::SIGTERM);
+        let _ = native.wait(20);
+        return;
+    }
+    signal(&native, libc::SIGKILL);
+    let o = native.wait(20);
+    panic!(
+        "a new redis could not serve on port {port} right after the recorded one exited: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
