@@ -138,6 +138,8 @@ pub struct Primary {
     peer: Option<Peer>,
     next_heartbeat: Option<Instant>,
     state: PrimaryState,
+    /// The primaries of this log before this one (told to each standby).
+    former: Vec<std::net::SocketAddr>,
     out: std::collections::VecDeque<Transmit>,
 }
 
@@ -153,8 +155,15 @@ impl Primary {
             peer: None,
             next_heartbeat: None,
             state: PrimaryState::Unprotected,
+            former: Vec::new(),
             out: Default::default(),
         }
+    }
+
+    /// The primaries of this log before this one: a standby keeps them and
+    /// warns them all if it takes over.
+    pub fn set_former(&mut self, former: Vec<std::net::SocketAddr>) {
+        self.former = former;
     }
 
     pub fn state(&self) -> PrimaryState {
@@ -260,6 +269,9 @@ impl Primary {
                     resume_offset,
                     exe_sha256: self.exe_sha256,
                 }));
+                self.out.push_back(Transmit::Stream(Message::Former {
+                    addrs: self.former.clone(),
+                }));
                 Ok(())
             }
             Message::Ack { offset } => {
@@ -285,6 +297,7 @@ impl Primary {
             }
             Message::Refuse { reason } => Err(SessionError::Refused(reason)),
             Message::Log { .. } => Err(SessionError::Unexpected("log")),
+            Message::Former { .. } => Err(SessionError::Unexpected("former")),
         }
     }
 
@@ -393,6 +406,8 @@ pub struct Standby {
     state: StandbyState,
     /// A primary's hello was received: there is a primary to take over from.
     followed: bool,
+    /// The primaries before the one followed, as it told.
+    former: Vec<std::net::SocketAddr>,
     out: std::collections::VecDeque<Transmit>,
 }
 
@@ -410,8 +425,14 @@ impl Standby {
             next_heartbeat: None,
             state: StandbyState::Disconnected,
             followed: false,
+            former: Vec::new(),
             out: Default::default(),
         }
+    }
+
+    /// The primaries before the one followed (as it said in `Former`).
+    pub fn former(&self) -> &[std::net::SocketAddr] {
+        &self.former
     }
 
     pub fn state(&self) -> StandbyState {
@@ -501,6 +522,13 @@ impl Standby {
                 Ok(Some((offset, bytes.len())))
             }
             Message::Heartbeat { .. } => Ok(None),
+            Message::Former { addrs } => {
+                if self.state != StandbyState::Following {
+                    return Err(SessionError::Unexpected("former before hello"));
+                }
+                self.former = addrs;
+                Ok(None)
+            }
             Message::Refuse { reason } => Err(SessionError::Refused(reason)),
             Message::Ack { .. } => Err(SessionError::Unexpected("ack")),
         }

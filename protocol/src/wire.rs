@@ -14,14 +14,19 @@
 //! Ack       3  offset u64                           standby → primary, stream
 //! Refuse    4  reason (UTF-8, rest)                  either way, then close
 //! Heartbeat 5  role u8 | epoch u64 | sent_ms u64 | offset u64   datagram
+//! Former    6  count u16 | count × (family u8 (4|6) | address (4|16) |
+//!              port u16)                primary → standby, stream, after
+//!              Hello: every primary of this log before this one, to be
+//!              told of a takeover (so an old primary that wakes up at any
+//!              epoch steps down)
 //! ```
 
 use thiserror::Error;
 
-/// Oldest protocol version this build speaks.
-pub const VERSION_MIN: u16 = 1;
+/// Oldest protocol version this build speaks (2: `Former`).
+pub const VERSION_MIN: u16 = 2;
 /// Newest protocol version this build speaks.
-pub const VERSION_MAX: u16 = 1;
+pub const VERSION_MAX: u16 = 2;
 /// Largest message accepted (a log chunk is at most 1 MiB).
 pub const MAX_MESSAGE: usize = 2 << 20;
 const HEADER: usize = 6;
@@ -36,6 +41,7 @@ pub enum MsgType {
     Ack = 3,
     Refuse = 4,
     Heartbeat = 5,
+    Former = 6,
 }
 
 /// Which side a node plays.
@@ -73,7 +79,14 @@ pub enum Message {
         sent_ms: u64,
         offset: u64,
     },
+    /// The primaries of this log before the sender.
+    Former {
+        addrs: Vec<std::net::SocketAddr>,
+    },
 }
+
+/// At most this many former primaries travel in one `Former`.
+pub const MAX_FORMER: usize = 64;
 
 /// Why bytes are not a message.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -142,6 +155,24 @@ impl Message {
                 out.extend_from_slice(&offset.to_le_bytes());
                 MsgType::Heartbeat
             }
+            Message::Former { addrs } => {
+                let addrs = &addrs[..addrs.len().min(MAX_FORMER)];
+                out.extend_from_slice(&(addrs.len() as u16).to_le_bytes());
+                for a in addrs {
+                    match a.ip() {
+                        std::net::IpAddr::V4(ip) => {
+                            out.push(4);
+                            out.extend_from_slice(&ip.octets());
+                        }
+                        std::net::IpAddr::V6(ip) => {
+                            out.push(6);
+                            out.extend_from_slice(&ip.octets());
+                        }
+                    }
+                    out.extend_from_slice(&a.port().to_le_bytes());
+                }
+                MsgType::Former
+            }
         };
         let len = (out.len() - start - HEADER) as u32;
         out[start..start + 2].copy_from_slice(&(ty as u16).to_le_bytes());
@@ -169,7 +200,7 @@ impl Message {
         if len > MAX_MESSAGE {
             return Err(WireError::TooLong(len));
         }
-        if !(1..=5).contains(&ty) {
+        if !(1..=6).contains(&ty) {
             return Err(WireError::UnknownType(ty));
         }
         if buf.len() < HEADER + len {
@@ -232,6 +263,9 @@ impl Message {
                     why: "reason is not UTF-8",
                 })?,
             },
+            6 => Message::Former {
+                addrs: decode_former(p)?,
+            },
             _ => {
                 if p.len() != 1 + 8 + 8 + 8 {
                     return Err(WireError::Malformed {
@@ -249,6 +283,48 @@ impl Message {
         };
         Ok((msg, HEADER + len))
     }
+}
+
+fn decode_former(p: &[u8]) -> Result<Vec<std::net::SocketAddr>, WireError> {
+    let bad = |why| WireError::Malformed {
+        kind: "former",
+        why,
+    };
+    if p.len() < 2 {
+        return Err(bad("no count"));
+    }
+    let n = u16::from_le_bytes([p[0], p[1]]) as usize;
+    if n > MAX_FORMER {
+        return Err(bad("too many addresses"));
+    }
+    let mut at = 2;
+    let mut addrs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let fam = *p.get(at).ok_or(bad("truncated"))?;
+        let ip_len = match fam {
+            4 => 4,
+            6 => 16,
+            _ => return Err(bad("unknown address family")),
+        };
+        let end = at + 1 + ip_len + 2;
+        if p.len() < end {
+            return Err(bad("truncated"));
+        }
+        let ip: std::net::IpAddr = if fam == 4 {
+            let o: [u8; 4] = p[at + 1..at + 5].try_into().expect("checked length");
+            o.into()
+        } else {
+            let o: [u8; 16] = p[at + 1..at + 17].try_into().expect("checked length");
+            o.into()
+        };
+        let port = u16::from_le_bytes([p[end - 2], p[end - 1]]);
+        addrs.push(std::net::SocketAddr::new(ip, port));
+        at = end;
+    }
+    if at != p.len() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(addrs)
 }
 
 #[cfg(test)]
@@ -279,6 +355,13 @@ mod tests {
                 sent_ms: 5,
                 offset: 6,
             },
+            Message::Former {
+                addrs: vec![
+                    "198.51.100.1:7600".parse().unwrap(),
+                    "[2001:db8::1]:7601".parse().unwrap(),
+                ],
+            },
+            Message::Former { addrs: vec![] },
         ]
     }
 
@@ -314,6 +397,15 @@ mod tests {
             Message::decode(&[9, 0, 0, 0, 0, 0]),
             Err(WireError::UnknownType(9))
         );
+        // A former list with a bad family, or one that lies about its count.
+        assert!(matches!(
+            Message::decode(&[6, 0, 3, 0, 0, 0, 1, 0, 5]),
+            Err(WireError::Malformed { kind: "former", .. })
+        ));
+        assert!(matches!(
+            Message::decode(&[6, 0, 2, 0, 0, 0, 9, 0]),
+            Err(WireError::Malformed { kind: "former", .. })
+        ));
         assert!(matches!(
             Message::decode(&[3, 0, 255, 255, 255, 255]),
             Err(WireError::TooLong(_))

@@ -80,6 +80,11 @@ impl Lab {
     }
 
     fn primary(&self) -> Guard {
+        self.primary_n(N)
+    }
+
+    /// A primary whose program counts to `n`.
+    fn primary_n(&self, n: i64) -> Guard {
         let c = self
             .hosts
             .cmd(&self.hosts.primary_ns, &self.b)
@@ -95,7 +100,7 @@ impl Lab {
             .arg(&self.a)
             .arg("--")
             .arg(&self.counter)
-            .args([&N.to_string(), "2000"])
+            .args([&n.to_string(), "2000"])
             .current_dir(&self.a)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -106,27 +111,33 @@ impl Lab {
 
     /// A standby with its own log and data directory named `name`.
     fn standby(&self, name: &str) -> (Guard, PathBuf, PathBuf) {
+        self.standby_of(name, &self.hosts.standby_ns, "198.51.100.1:7600", "198.51.100.2:7600", ["ks", "kp"])
+    }
+
+    /// A standby on host `ns` following `primary`, serving on `listen` once
+    /// it takes over, with keys `[own, peer]`.
+    fn standby_of(
+        &self,
+        name: &str,
+        ns: &str,
+        primary: &str,
+        listen: &str,
+        keys: [&str; 2],
+    ) -> (Guard, PathBuf, PathBuf) {
         let data = self.dir.join(format!("{name}-data"));
         std::fs::create_dir_all(&data).unwrap();
         let log = self.dir.join(format!("{name}-log"));
         let c = self
             .hosts
-            .cmd(&self.hosts.standby_ns, &self.b)
-            .args([
-                "standby",
-                "--primary",
-                "198.51.100.1:7600",
-                "--listen",
-                "198.51.100.2:7600",
-                "--log",
-            ])
+            .cmd(ns, &self.b)
+            .args(["standby", "--primary", primary, "--listen", listen, "--log"])
             .arg(&log)
             .arg("--cert")
-            .arg(self.dir.join("ks/node.crt"))
+            .arg(self.dir.join(format!("{}/node.crt", keys[0])))
             .arg("--key")
-            .arg(self.dir.join("ks/node.key"))
+            .arg(self.dir.join(format!("{}/node.key", keys[0])))
             .arg("--peer-cert")
-            .arg(self.dir.join("kp/node.crt"))
+            .arg(self.dir.join(format!("{}/node.crt", keys[1])))
             .arg("--data-dir")
             .arg(&data)
             .stdout(Stdio::piped())
@@ -138,6 +149,41 @@ impl Lab {
 
     fn a_file(&self) -> PathBuf {
         self.a.join("counter.txt")
+    }
+}
+
+/// SIGSTOP a node: its supervisor and all its descendants (the init of
+/// the program's namespace, the program); returns them, supervisor first.
+fn pause(g: &Guard) -> Vec<i32> {
+    let ppid_of = |pid: i32| -> Option<i32> {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the ")" that ends the command name: state, then ppid.
+        st.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let all: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .collect();
+    let mut pids = vec![g.pid()];
+    let mut i = 0;
+    while i < pids.len() {
+        let parent = pids[i];
+        pids.extend(all.iter().filter(|p| ppid_of(**p) == Some(parent)));
+        i += 1;
+    }
+    for pid in pids.iter() {
+        // SAFETY: plain integers; these are our child and its descendants.
+        unsafe { libc::kill(*pid, libc::SIGSTOP) };
+    }
+    pids
+}
+
+/// SIGCONT what [`pause`] stopped.
+fn resume(pids: &[i32]) {
+    for pid in pids {
+        // SAFETY: as in `pause`.
+        unsafe { libc::kill(*pid, libc::SIGCONT) };
     }
 }
 
@@ -217,27 +263,11 @@ fn a_stopped_primary_that_wakes_up_steps_down() {
     following(&lab, &slog, &sfile);
     // SIGSTOP the primary's supervisor and program (its process group is ours to stop).
     let prog = lines(&lab.a_file()).len();
-    let pids: Vec<i32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| s.split_whitespace().nth(3) == Some(&p.pid().to_string()))
-                .unwrap_or(false)
-        })
-        .collect();
-    for pid in pids.iter().chain(std::iter::once(&p.pid())) {
-        // SAFETY: plain integers; these are our child and its children.
-        unsafe { libc::kill(*pid, libc::SIGSTOP) };
-    }
+    let pids = pause(&p);
     wait_until("the standby to take over", 20, || {
         status(&lab.b, &slog).contains("epoch 2")
     });
-    for pid in std::iter::once(&p.pid()).chain(pids.iter()) {
-        // SAFETY: as above.
-        unsafe { libc::kill(*pid, libc::SIGCONT) };
-    }
+    resume(&pids);
     let po = p.wait(30);
     let perr = String::from_utf8_lossy(&po.stderr);
     assert_eq!(
@@ -255,6 +285,65 @@ fn a_stopped_primary_that_wakes_up_steps_down() {
         String::from_utf8_lossy(&so.stderr)
     );
     assert_counts(&lines(&sfile), N, "standby's file");
+}
+
+/// Two failovers in a row, each from a paused primary: the epoch grows by
+/// one each time (and is kept in the log directory), and both old
+/// primaries — the second at epoch 2, the first at epoch 1, which never
+/// heard of the second takeover's primary directly — step down loudly when
+/// they are continued; the counter is exact on the last one.
+#[test]
+fn chained_failovers_raise_the_epoch_and_every_old_primary_steps_down() {
+    let lab = Lab::new("c");
+    let mut p = lab.primary_n(8000);
+    let (mut s1, f1, l1) = lab.standby("s1");
+    following(&lab, &l1, &f1);
+    let p_pids = pause(&p);
+    wait_until("the first takeover", 20, || {
+        status(&lab.b, &l1).contains("role:        primary (epoch 2)")
+    });
+    assert_eq!(std::fs::read_to_string(l1.join("epoch")).unwrap().trim(), "2");
+    // A new standby on host A (the paused primary still holds port 7600).
+    let (mut s2, f2, l2) = lab.standby_of(
+        "s2",
+        &lab.hosts.primary_ns,
+        "198.51.100.2:7600",
+        "198.51.100.1:7601",
+        ["kp", "ks"],
+    );
+    wait_until("the second standby to catch up and follow", 40, || {
+        status(&lab.b, &l2).contains("Following") && lines(&f2).len() + 50 > lines(&f1).len()
+    });
+    let s1_pids = pause(&s1);
+    wait_until("the second takeover", 20, || {
+        status(&lab.b, &l2).contains("role:        primary (epoch 3)")
+    });
+    assert_eq!(std::fs::read_to_string(l2.join("epoch")).unwrap().trim(), "3");
+    assert!(
+        std::fs::read_to_string(l2.join("former"))
+            .unwrap()
+            .contains("198.51.100.1:7600"),
+        "the second standby learned the first primary from the second"
+    );
+    resume(&s1_pids);
+    let o = s1.wait(30);
+    assert_eq!(
+        o.status.code(),
+        Some(75),
+        "the primary of epoch 2 steps down: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    resume(&p_pids);
+    let o = p.wait(30);
+    assert_eq!(
+        o.status.code(),
+        Some(75),
+        "the primary of epoch 1 steps down: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = s2.wait(120);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_counts(&lines(&f2), 8000, "the third node's file");
 }
 
 #[test]

@@ -166,7 +166,7 @@ pub fn server(
     peer: CertificateDer<'static>,
 ) -> Result<Endpoint, TransportError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(pin::Pinned::new(peer, provider.clone()));
+    let verifier = Arc::new(pin::Pinned::new(peer, keys.cert.clone(), provider.clone()));
     let tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Tls(e.to_string()))?
@@ -189,7 +189,7 @@ pub fn client(
     peer: CertificateDer<'static>,
 ) -> Result<Endpoint, TransportError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(pin::Pinned::new(peer, provider.clone()));
+    let verifier = Arc::new(pin::Pinned::new(peer, keys.cert.clone(), provider.clone()));
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Tls(e.to_string()))?

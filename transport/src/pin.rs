@@ -8,20 +8,29 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-/// Accepts exactly one certificate.
+/// Accepts exactly the pair's certificates: the pinned peer's, and this
+/// node's own (another process of the same node — a new standby on the
+/// host of a paused primary tells that primary to step down).
 #[derive(Debug)]
 pub struct Pinned {
-    peer: CertificateDer<'static>,
+    accepted: Vec<CertificateDer<'static>>,
     provider: Arc<CryptoProvider>,
 }
 
 impl Pinned {
-    pub fn new(peer: CertificateDer<'static>, provider: Arc<CryptoProvider>) -> Self {
-        Pinned { peer, provider }
+    pub fn new(
+        peer: CertificateDer<'static>,
+        own: CertificateDer<'static>,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
+        Pinned {
+            accepted: vec![peer, own],
+            provider,
+        }
     }
 
     fn check(&self, presented: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-        if presented.as_ref() == self.peer.as_ref() {
+        if self.accepted.iter().any(|c| c.as_ref() == presented.as_ref()) {
             Ok(())
         } else {
             Err(rustls::Error::General(

@@ -375,8 +375,8 @@ fn refusals() {
     p.log_appended(100);
     p.handle_connected(now);
     let hello = |sha, resume| Message::Hello {
-        version_min: 1,
-        version_max: 1,
+        version_min: VERSION_MIN,
+        version_max: VERSION_MAX,
         role: Role::Standby,
         epoch: 0,
         resume_offset: resume,
@@ -434,8 +434,8 @@ fn refusals() {
         Err(SessionError::Unexpected("log before hello"))
     );
     let ph = Message::Hello {
-        version_min: 1,
-        version_max: 1,
+        version_min: VERSION_MIN,
+        version_max: VERSION_MAX,
         role: Role::Primary,
         epoch: 1,
         resume_offset: 0,
@@ -497,6 +497,23 @@ fn chained_failovers_take_ever_higher_epochs() {
     )
     .unwrap();
     assert_eq!(old.state(), PrimaryState::SteppedDown);
+    // A standby learns every primary before the one it follows.
+    let a: std::net::SocketAddr = "198.51.100.1:7600".parse().unwrap();
+    let mut p = Primary::new(cfg, 2, SHA);
+    p.set_former(vec![a]);
+    p.log_appended(16);
+    let mut st = Standby::new(cfg, SHA, 0);
+    p.handle_connected(now);
+    st.handle_connected(now);
+    while let Some(Transmit::Stream(m)) = st.poll_transmit(now) {
+        p.handle_message(m, now).unwrap();
+    }
+    while let Some(t) = p.poll_transmit(now) {
+        if let Transmit::Stream(m) = t {
+            st.handle_message(m, now).unwrap();
+        }
+    }
+    assert_eq!(st.former(), &[a]);
     // ... and one of epoch 3 does not step down for itself.
     let mut same = Primary::new(cfg, 3, SHA);
     same.handle_connected(now);

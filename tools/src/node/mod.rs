@@ -51,6 +51,7 @@ impl Tls {
 
 const STATUS: &str = "status";
 const EPOCH: &str = "epoch";
+const FORMER: &str = "former";
 /// How often the status file is rewritten.
 const STATUS_EVERY: Duration = Duration::from_millis(100);
 
@@ -155,6 +156,24 @@ fn save_epoch(dir: &Path, epoch: u64) -> anyhow::Result<()> {
     std::fs::write(&tmp, format!("{epoch}\n"))
         .and_then(|()| std::fs::rename(&tmp, dir.join(EPOCH)))
         .with_context(|| format!("saving the epoch in {}", dir.display()))
+}
+
+/// The primaries of this log before this node's, as this node learned them
+/// (one address per line in its log directory).
+fn read_former(dir: &Path) -> Vec<std::net::SocketAddr> {
+    std::fs::read_to_string(dir.join(FORMER))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn save_former(dir: &Path, former: &[std::net::SocketAddr]) -> anyhow::Result<()> {
+    let tmp = dir.join(".former.tmp");
+    let text: String = former.iter().map(|a| format!("{a}\n")).collect();
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, dir.join(FORMER)))
+        .with_context(|| format!("saving the former primaries in {}", dir.display()))
 }
 
 /// `hotstandby status --log DIR`.

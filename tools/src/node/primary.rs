@@ -31,11 +31,13 @@ enum Served {
 
 /// Serve standbys from the log in `dir` until the program (watched by
 /// `finished`) exits. Returns true when this primary stepped down.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn serve(
     ep: Endpoint,
     dir: &Path,
     cfg: Config,
     epoch: u64,
+    former: Vec<SocketAddr>,
     throttle: Arc<Throttle>,
     finished: &(dyn Fn() -> bool + Sync),
     net: Option<(&Vip, Arc<Gate>)>,
@@ -56,6 +58,7 @@ pub(super) async fn serve(
         }
     };
     let mut session = Primary::new(cfg, epoch, sha);
+    session.set_former(former);
     save_epoch(dir, epoch)?;
     let mut status = StatusFile::new(dir);
     let flushed = Arc::new(tokio::sync::Notify::new());
@@ -347,7 +350,7 @@ pub fn run(
         .spawn(move || hotstandby_recorder::record(&opts))?;
     let finished = || rec.is_finished();
     let net = vip.as_ref().zip(guard.as_ref().map(|g| g.gate.clone()));
-    let stepped_down = rt.block_on(serve(ep, &log, cfg, 1, throttle, &finished, net))?;
+    let stepped_down = rt.block_on(serve(ep, &log, cfg, 1, vec![], throttle, &finished, net))?;
     if stepped_down {
         if let Some(g) = guard {
             g.step_down();

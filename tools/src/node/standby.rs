@@ -19,8 +19,8 @@ use hotstandby_transport::{self as transport, Endpoint, MsgStream};
 
 use super::vip::Vip;
 use super::{
-    deadline, primary, read_epoch, runtime, save_epoch, valid_prefix, LagClock, StatusFile, Tls,
-    EXIT_STEPPED_DOWN,
+    deadline, primary, read_epoch, read_former, runtime, save_epoch, save_former, valid_prefix,
+    LagClock, StatusFile, Tls, EXIT_STEPPED_DOWN,
 };
 
 /// `hotstandby standby`.
@@ -100,11 +100,23 @@ pub fn standby(
         let _g = rt.enter();
         transport::server(listen, &keys, peer)?
     };
-    let announce = rt.spawn(announce_takeover(client.clone(), primary, epoch));
+    // Every primary of this log before us is told, for as long as we serve:
+    // one that was only paused steps down when it wakes, whatever its epoch.
+    let mut former = read_former(&log);
+    if !former.contains(&primary) {
+        former.insert(0, primary);
+    }
+    let announce: Vec<_> = former
+        .iter()
+        .filter(|a| **a != listen)
+        .map(|a| rt.spawn(announce_takeover(client.clone(), *a, epoch)))
+        .collect();
     let finished = || rep.is_finished();
     let n = net.as_ref().map(|(v, g)| (v, g.clone()));
-    let stepped_down = rt.block_on(primary::serve(ep, &log, cfg, epoch, throttle, &finished, n));
-    announce.abort();
+    let stepped_down = rt.block_on(primary::serve(
+        ep, &log, cfg, epoch, former, throttle, &finished, n,
+    ));
+    announce.iter().for_each(|a| a.abort());
     if let Ok(true) = stepped_down {
         eprintln!("hotstandby: another host holds the virtual IP now: this primary steps down");
         if let Some(g) = guard {
@@ -124,9 +136,13 @@ pub fn standby(
     Ok(code.clamp(0, 255) as u8)
 }
 
-/// Tell the old primary, for a while, that a newer primary exists.
+/// Tell an old primary that a newer primary exists, every half second for
+/// ten minutes, then every ten seconds (until this node stops serving).
 async fn announce_takeover(ep: Endpoint, old: SocketAddr, epoch: u64) {
-    for _ in 0..600 {
+    for round in 0u64.. {
+        if round >= 600 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
         if let Ok(Ok(conn)) =
             tokio::time::timeout(Duration::from_millis(500), transport::connect(&ep, old)).await
         {
@@ -239,6 +255,7 @@ async fn follow(
     // Never below an epoch this node already knew.
     let mut saved_epoch = read_epoch(log);
     session.know_epoch(saved_epoch);
+    let mut saved_former = read_former(log);
     let mut status = StatusFile::new(log);
     let mut backoff = Duration::from_millis(100);
     let mut last_heard: Option<Instant> = None;
@@ -356,6 +373,14 @@ async fn follow(
             if session.epoch() != saved_epoch {
                 save_epoch(log, session.epoch())?;
                 saved_epoch = session.epoch();
+            }
+            if session.state() == StandbyState::Following {
+                let mut f = vec![primary];
+                f.extend(session.former().iter().filter(|a| **a != primary));
+                if f != saved_former {
+                    save_former(log, &f)?;
+                    saved_former = f;
+                }
             }
             if replayer.is_some() && session.handle_timeout(now) {
                 eprintln!(
