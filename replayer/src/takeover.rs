@@ -120,6 +120,11 @@ impl Engine<'_> {
                 continue;
             };
             let what = match sys::dup_from(*tgid, *fd) {
+                // Shared with a forked process whose entry came first (the
+                // same socket: an nginx master and its workers).
+                Ok(dup) if accepting(&dup) => {
+                    "listening (the same socket as another process's)".to_string()
+                }
                 Ok(dup) => match make_listening(
                     &dup,
                     &setup.opts,
@@ -200,6 +205,24 @@ impl Engine<'_> {
             listeners,
         })
     }
+}
+
+/// Whether a socket listens already.
+fn accepting(sock: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut v: i32 = 0;
+    let mut len = 4u32;
+    // SAFETY: v is a writable int and len says so.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            &mut v as *mut i32 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    rc == 0 && v == 1
 }
 
 /// Re-create a recorded listening socket on the supervisor's duplicate of

@@ -111,7 +111,13 @@ impl Lab {
 
     /// A standby with its own log and data directory named `name`.
     fn standby(&self, name: &str) -> (Guard, PathBuf, PathBuf) {
-        self.standby_of(name, &self.hosts.standby_ns, "198.51.100.1:7600", "198.51.100.2:7600", ["ks", "kp"])
+        self.standby_of(
+            name,
+            &self.hosts.standby_ns,
+            "198.51.100.1:7600",
+            "198.51.100.2:7600",
+            ["ks", "kp"],
+        )
     }
 
     /// A standby on host `ns` following `primary`, serving on `listen` once
@@ -158,7 +164,12 @@ fn pause(g: &Guard) -> Vec<i32> {
     let ppid_of = |pid: i32| -> Option<i32> {
         let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // After the ")" that ends the command name: state, then ppid.
-        st.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+        st.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     };
     let all: Vec<i32> = std::fs::read_dir("/proc")
         .unwrap()
@@ -302,7 +313,10 @@ fn chained_failovers_raise_the_epoch_and_every_old_primary_steps_down() {
     wait_until("the first takeover", 20, || {
         status(&lab.b, &l1).contains("role:        primary (epoch 2)")
     });
-    assert_eq!(std::fs::read_to_string(l1.join("epoch")).unwrap().trim(), "2");
+    assert_eq!(
+        std::fs::read_to_string(l1.join("epoch")).unwrap().trim(),
+        "2"
+    );
     // A new standby on host A (the paused primary still holds port 7600).
     let (mut s2, f2, l2) = lab.standby_of(
         "s2",
@@ -318,7 +332,10 @@ fn chained_failovers_raise_the_epoch_and_every_old_primary_steps_down() {
     wait_until("the second takeover", 20, || {
         status(&lab.b, &l2).contains("role:        primary (epoch 3)")
     });
-    assert_eq!(std::fs::read_to_string(l2.join("epoch")).unwrap().trim(), "3");
+    assert_eq!(
+        std::fs::read_to_string(l2.join("epoch")).unwrap().trim(),
+        "3"
+    );
     assert!(
         std::fs::read_to_string(l2.join("former"))
             .unwrap()
@@ -342,7 +359,12 @@ fn chained_failovers_raise_the_epoch_and_every_old_primary_steps_down() {
         String::from_utf8_lossy(&o.stderr)
     );
     let o = s2.wait(120);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert_counts(&lines(&f2), 8000, "the third node's file");
 }
 

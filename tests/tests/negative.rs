@@ -276,14 +276,35 @@ fn a_log_inside_the_data_directory_is_refused() {
     let data = s.join("data");
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("f"), "x").unwrap();
-    let o = record(&b, &data.join("log"), s.path(), Some(&data), &["true"], None);
+    let o = record(
+        &b,
+        &data.join("log"),
+        s.path(),
+        Some(&data),
+        &["true"],
+        None,
+    );
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.contains("inside the data directory"), "{e}");
     assert!(!data.join("log").exists(), "no log directory was made");
     // Also through a relative path and a symlink to the data directory.
     std::os::unix::fs::symlink(&data, s.join("link")).unwrap();
-    let o = record(&b, Path::new("link/sub/log"), s.path(), Some(Path::new("data")), &["true"], None);
-    assert!(stderr(&o).contains("inside the data directory"), "{}", stderr(&o));
-    assert!(!s.join("link/sub").exists(), "nothing was made through the link");
+    let o = record(
+        &b,
+        Path::new("link/sub/log"),
+        s.path(),
+        Some(Path::new("data")),
+        &["true"],
+        None,
+    );
+    assert!(
+        stderr(&o).contains("inside the data directory"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !s.join("link/sub").exists(),
+        "nothing was made through the link"
+    );
 }

@@ -351,11 +351,24 @@ fn primary_serves_alone_when_its_standby_dies() {
 /// covers what the dead primary's socket had not delivered.
 #[test]
 fn nginx_keeps_wrk_and_a_download_across_failover() {
-    let s = Scratch::new("nginx");
+    nginx_failover("nginx", "ngx", 1, 50);
+}
+
+/// nginx as it is usually run: a master and two worker processes (each
+/// accepting, serving and holding its own connections, as `nobody`). The
+/// same failover: wrk through the virtual IP sees no socket error and a
+/// download in flight completes with the right checksum.
+#[test]
+fn nginx_with_a_master_and_two_workers_keeps_wrk_across_failover() {
+    nginx_failover("nginx-workers", "ngw", 2, 10);
+}
+
+fn nginx_failover(tag: &str, lan: &str, workers: u32, mb: usize) {
+    let s = Scratch::new(tag);
     let www = s.join("www");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("index.html"), "hello from nginx\n").unwrap();
-    let mut big = vec![0u8; 50 << 20];
+    let mut big = vec![0u8; mb << 20];
     let mut rng = Rng::new();
     for c in big.chunks_mut(8) {
         c.copy_from_slice(&rng.next_u64().to_le_bytes()[..c.len()]);
@@ -365,14 +378,15 @@ fn nginx_keeps_wrk_and_a_download_across_failover() {
     drop(big);
     let a = s.join("A");
     let conf = format!(
-        "worker_processes 1;\nmaster_process off;\ndaemon off;\nerror_log stderr warn;\npid {a}/nginx.pid;\n\
+        "worker_processes {workers};\nmaster_process {master};\ndaemon off;\nerror_log stderr warn;\npid {a}/nginx.pid;\n\
          events {{ worker_connections 512; }}\n\
          http {{ access_log off; sendfile on; keepalive_requests 1000000; keepalive_timeout 300s;\n\
          client_body_temp_path {a}/body; proxy_temp_path {a}/proxy; fastcgi_temp_path {a}/fcgi;\n\
          uwsgi_temp_path {a}/uwsgi; scgi_temp_path {a}/scgi;\n\
          server {{ listen 8080; root {www}; }} }}\n",
         a = a.display(),
-        www = www.display()
+        www = www.display(),
+        master = if workers > 1 { "on" } else { "off" },
     );
     std::fs::write(s.join("nginx.conf"), conf).unwrap();
     let cmd: Vec<String> = vec![
@@ -383,7 +397,7 @@ fn nginx_keeps_wrk_and_a_download_across_failover() {
         s.join("nginx.conf").display().to_string(),
     ];
     let got = s.join("got.bin");
-    let mut net = Net::start_program(s, "ngx", &[], &cmd);
+    let mut net = Net::start_program(s, lan, &[], &cmd);
     let url = format!("http://{VIP}:8080/");
     wait_until("nginx on the virtual IP", 20, || {
         let o = net.client("curl").args(["-s", &url]).output().unwrap();
@@ -442,12 +456,12 @@ fn nginx_keeps_wrk_and_a_download_across_failover() {
         panic!(
             "the download failed ({:?}) with {have} of {} bytes; standby:\n{}",
             d.status,
-            50 << 20,
+            mb << 20,
             String::from_utf8_lossy(&so.stderr)
         );
     }
     let bytes = std::fs::read(&got).unwrap();
-    assert_eq!(bytes.len(), 50 << 20, "download length");
+    assert_eq!(bytes.len(), mb << 20, "download length");
     assert_eq!(sha256_hex(&bytes), want, "download checksum");
     let _ = net.standby.0.as_mut().map(|c| c.kill());
     let so = net.standby.wait(30);

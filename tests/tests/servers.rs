@@ -494,7 +494,8 @@ fn a_recorded_server_that_exits_can_be_started_again_at_once() {
     wait_listening(port);
     // A client that stays connected, so the server closes first.
     let mut keep = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    keep.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    keep.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     keep.write_all(b"PING\r\n").unwrap();
     let mut pong = [0u8; 7];
     std::io::Read::read_exact(&mut keep, &mut pong).unwrap();
@@ -502,18 +503,34 @@ fn a_recorded_server_that_exits_can_be_started_again_at_once() {
     let mut cli = TcpStream::connect(("127.0.0.1", port)).unwrap();
     cli.write_all(b"SHUTDOWN NOSAVE\r\n").unwrap();
     let o = rec.wait(60);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // The clients close after the server did: the server's side waits.
     drop(keep);
     drop(cli);
     std::thread::sleep(Duration::from_millis(100));
     // The case is real: the server's side of a connection is in TIME-WAIT.
     let ss = Command::new("ss")
-        .args(["-tan", "state", "time-wait", "sport", "=", &format!(":{port}")])
+        .args([
+            "-tan",
+            "state",
+            "time-wait",
+            "sport",
+            "=",
+            &format!(":{port}"),
+        ])
         .output()
         .unwrap();
     let tw = String::from_utf8_lossy(&ss.stdout).lines().count();
-    assert!(tw > 1, "expected a TIME-WAIT on port {port}: {}", String::from_utf8_lossy(&ss.stdout));
+    assert!(
+        tw > 1,
+        "expected a TIME-WAIT on port {port}: {}",
+        String::from_utf8_lossy(&ss.stdout)
+    );
     let mut native = Guard(Some(
         tie(&mut Command::new(&redis))
             .args(&args[1..])

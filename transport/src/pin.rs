@@ -30,7 +30,11 @@ impl Pinned {
     }
 
     fn check(&self, presented: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-        if self.accepted.iter().any(|c| c.as_ref() == presented.as_ref()) {
+        if self
+            .accepted
+            .iter()
+            .any(|c| c.as_ref() == presented.as_ref())
+        {
             Ok(())
         } else {
             Err(rustls::Error::General(
