@@ -8,7 +8,7 @@ use hotstandby_protocol::record::{Event, MemWrite, Mode, SyscallEvent};
 use hotstandby_protocol::shadow::{self, FdKind};
 use hotstandby_protocol::sysmodel::{self, Arg, Spec};
 use hotstandby_tracer::mem::{self, EntryInfo};
-use hotstandby_tracer::{fdclass, task, Running, Stopped, TaskPeek, Tid};
+use hotstandby_tracer::{fdclass, task, Running, Stopped, TaskPeek, Tid, Waited};
 
 use crate::record::{Pending, RecordError, Recorder, St};
 
@@ -183,7 +183,25 @@ impl Recorder {
                 }
             }
         }
-        let _ = s.resume(0)?;
+        let run = s.resume(0)?;
+        if !group && t != tgid {
+            // The kernel clears the thread's CLONE_CHILD_CLEARTID word (and
+            // wakes its joiner) late in the exit, after PTRACE_EVENT_EXIT:
+            // no other thread runs user code until that has happened, or a
+            // joiner could see the word set or clear depending on timing
+            // (Apache's child diverged so at its shutdown). Replay waits
+            // the same way.
+            let mut run = run;
+            loop {
+                match run.wait()? {
+                    Waited::Stopped(s, _) => run = s.resume(0)?,
+                    gone => {
+                        self.handle(gone)?;
+                        break;
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

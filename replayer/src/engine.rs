@@ -787,7 +787,10 @@ impl Engine<'_> {
                     self.reap_thread(m)?;
                 }
             }
-        } else if live != self.leader_live {
+        } else if live != self.th(tid)?.tgid {
+            // Until its exit is complete (the kernel has cleared its
+            // CLONE_CHILD_CLEARTID word), as when recording. A process's
+            // leader is reported only when all its threads are gone.
             drop(run);
             self.reap_thread(live)?;
         } else {
