@@ -22,7 +22,7 @@ use crate::record::{ArchivedRecord, Record};
 /// First eight bytes of every log stream.
 pub const MAGIC: [u8; 8] = *b"HSBYLOG\0";
 /// Format version written by this build.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Length of the file header.
 pub const FILE_HEADER_LEN: usize = 16;
 /// Length of a frame header.

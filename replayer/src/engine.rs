@@ -258,10 +258,14 @@ impl Drop for Scratch {
     }
 }
 
-/// The most bytes a primary's socket can hold unacknowledged: its send
-/// buffer can grow to `tcp_wmem`'s maximum (4 MiB by default).
+/// More than a primary's socket can hold unacknowledged: its send buffer
+/// can grow to `tcp_wmem`'s maximum (4 MiB by default), and the kernel
+/// checks that limit against the memory it accounts, before it adds a
+/// segment, so the payload in flight can pass it (seen: 2200 bytes over
+/// 4 MiB on a sendfile download, which then stalled after the rebuild:
+/// the client lacked bytes before the tail). Twice the maximum.
 fn tail_max() -> usize {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+    2 * std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
         .ok()
         .and_then(|s| {
             s.split_whitespace()

@@ -336,6 +336,25 @@ fn postgresql_under_pgbench() {
         assert!(o.status.success(), "pgbench {args:?}: {out}");
         out
     };
+    // Accepting connections before it is ready ("the database system is
+    // starting up"): wait until a query answers, bounded.
+    wait_until("PostgreSQL to accept queries", 30, || {
+        tie(&mut Command::new(&psql))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &ps,
+                "-U",
+                "postgres",
+                "-Atc",
+                "select 1",
+                "postgres",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "1")
+            .unwrap_or(false)
+    });
     pg(&["-i", "-s", "1"]);
     let out = pg(&["-c", "4", "-T", "5"]);
     assert!(out.contains("number of failed transactions: 0"), "{out}");
