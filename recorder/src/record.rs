@@ -263,15 +263,7 @@ extern "C" fn forward(sig: libc::c_int) {
 /// namespace, the pids it writes into pid files are not the host's.
 pub(crate) fn forward_signals(pid: Tid) {
     TRACEE.store(pid, std::sync::atomic::Ordering::Relaxed);
-    for sig in [
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-        libc::SIGWINCH,
-    ] {
+    for sig in hotstandby_tracer::sys::FORWARDED {
         // SAFETY: installs an async-signal-safe handler (it only calls
         // kill); the sigaction struct is fully initialised.
         unsafe {

@@ -172,35 +172,12 @@ impl Engine<'_> {
                 }
                 At::Entry(self.unreserve(tid, entry, s, fd)?)
             }
-            St::AfterClone(mut s) => {
-                // The same id in the program's PID namespace.
-                let got = s.regs()?.rax as i64;
-                if got != ev.ret {
-                    self.set(tid, St::AfterClone(s))?;
-                    return self.diverge(
-                        Kind::Spawn,
-                        tid,
-                        name,
-                        format!("{} = {}", call_str(ev.nr, &ev.args), ev.ret),
-                        format!("= {got}"),
-                    );
-                }
-                return self.after(tid, s);
-            }
+            // The clone's result: the same id in the program's PID namespace.
+            St::AfterClone(s) => return self.check_ret(tid, s, ev, Kind::Spawn),
+            // A vfork parent, released.
             St::InKernel(None, run) => {
-                let mut x = self.finish_exec(tid, run, &name)?;
-                let got = x.regs()?.rax as i64;
-                if got != ev.ret {
-                    self.set(tid, St::Ready(x))?;
-                    return self.diverge(
-                        Kind::Result,
-                        tid,
-                        name,
-                        format!("{} = {}", call_str(ev.nr, &ev.args), ev.ret),
-                        format!("= {got}"),
-                    );
-                }
-                return self.after(tid, x);
+                let x = self.finish_exec(tid, run, &name)?;
+                return self.check_ret(tid, x, ev, Kind::Result);
             }
             St::InKernel(Some(entry), run) => At::Kernel(entry, run),
             other => {
@@ -296,10 +273,7 @@ impl Engine<'_> {
             Mode::Executed | Mode::ExecutedInjected => {
                 let wait = spec.map(|sp| sp.family) == Some(Family::Wait);
                 let mut x = if wait {
-                    match self.reap(tid, at, ev)? {
-                        Some(x) => x,
-                        None => return Ok(()),
-                    }
+                    self.reap(tid, at, ev)?
                 } else {
                     self.run_executed(tid, at, ev)?
                 };
@@ -348,6 +322,29 @@ impl Engine<'_> {
             }
         };
         self.effects(tid, &s, ev, tail)?;
+        self.after(tid, s)
+    }
+
+    /// A syscall already run to its exit must have returned the recorded
+    /// result; then the thread goes on.
+    fn check_ret(
+        &mut self,
+        tid: u32,
+        mut s: Stopped,
+        ev: &SyscallEvent,
+        kind: Kind,
+    ) -> Result<(), ReplayError> {
+        let got = s.regs()?.rax as i64;
+        if got != ev.ret {
+            self.set(tid, St::Ready(s))?;
+            return self.diverge(
+                kind,
+                tid,
+                sysmodel::name(ev.nr),
+                format!("{} = {}", call_str(ev.nr, &ev.args), ev.ret),
+                format!("= {got}"),
+            );
+        }
         self.after(tid, s)
     }
 
@@ -472,14 +469,8 @@ impl Engine<'_> {
 
     /// A wait4/waitid: reap exactly the child the recording reaped (the
     /// same id: the program runs in its own PID namespace), waiting for it
-    /// if it has not exited here yet; nothing reaped, nothing run. `None`:
-    /// the thread was handed back (a divergence follows).
-    fn reap(
-        &mut self,
-        tid: u32,
-        at: At,
-        ev: &SyscallEvent,
-    ) -> Result<Option<Stopped>, ReplayError> {
+    /// if it has not exited here yet; nothing reaped, nothing run.
+    fn reap(&mut self, tid: u32, at: At, ev: &SyscallEvent) -> Result<Stopped, ReplayError> {
         let At::Entry(mut s) = at else {
             unreachable!("a wait is held at its entry")
         };
@@ -498,7 +489,7 @@ impl Engine<'_> {
         let nowait = ev.args[if waitid { 3 } else { 2 }] & libc::WNOWAIT as u64 != 0;
         if reaped == 0 || ev.ret < 0 || nowait {
             s.skip(ev.ret)?;
-            return Ok(Some(s));
+            return Ok(s);
         }
         let orig = s.regs()?;
         let mut a = ev.args;
@@ -529,7 +520,7 @@ impl Engine<'_> {
         r.r10 = orig.r10;
         r.r8 = orig.r8;
         x.set_regs(&r)?;
-        Ok(Some(x))
+        Ok(x)
     }
 
     /// Run an executed syscall (or finish one already in the kernel) and

@@ -308,3 +308,100 @@ fn a_log_inside_the_data_directory_is_refused() {
         "nothing was made through the link"
     );
 }
+
+/// Rewrite a log in place, changing its header and events with `fix`.
+fn rewrite(
+    log: &Path,
+    fix_id: impl FnOnce(&mut hotstandby_protocol::record::Identity),
+    mut fix_ev: impl FnMut(&mut hotstandby_protocol::record::Event) -> bool,
+) -> bool {
+    use hotstandby_protocol::frame;
+    use hotstandby_protocol::record::Record;
+    let loaded = hotstandby_recorder::logfile::load(log).unwrap();
+    let mut out = frame::file_header().to_vec();
+    let mut id = loaded.identity.clone();
+    fix_id(&mut id);
+    frame::encode_frame(&mut out, 0, &Record::Header(id));
+    let mut seq = 0;
+    let mut changed = false;
+    for e in &loaded.events {
+        let mut e = e.clone();
+        changed |= fix_ev(&mut e);
+        seq += 1;
+        frame::encode_frame(&mut out, seq, &Record::Event(e));
+    }
+    if let Some(t) = &loaded.trailer {
+        seq += 1;
+        frame::encode_frame(&mut out, seq, &Record::Trailer(t.clone()));
+    }
+    std::fs::write(log.join("events.hsl"), out).unwrap();
+    changed
+}
+
+/// A log written under another syscall model is refused before anything
+/// runs, naming the reason (exit 3, as for another program).
+#[test]
+fn a_log_from_another_syscall_model_is_refused() {
+    let b = bin();
+    let s = Scratch::new("neg-model");
+    let log = s.join("log");
+    assert!(record(&b, &log, s.path(), None, &["date"], None)
+        .status
+        .success());
+    assert_eq!(
+        replay(&b, &log).status.code(),
+        Some(0),
+        "unchanged: replays"
+    );
+    rewrite(&log, |id| id.model[0] ^= 1, |_| false);
+    let r = replay(&b, &log);
+    assert_eq!(r.status.code(), Some(3), "{}", stderr(&r));
+    assert!(
+        stderr(&r).contains("another syscall model"),
+        "{}",
+        stderr(&r)
+    );
+}
+
+/// The negative control of replay's decision check: a record whose mode is
+/// not what the model decides (a clock read marked as executed) stops
+/// replay with a decision divergence naming both.
+#[test]
+fn a_record_the_model_would_decide_otherwise_diverges() {
+    use hotstandby_protocol::record::{Event, Mode};
+    let b = bin();
+    let s = Scratch::new("neg-decision");
+    let log = s.join("log");
+    assert!(record(&b, &log, s.path(), None, &["date"], None)
+        .status
+        .success());
+    let mut done = false;
+    let changed = rewrite(
+        &log,
+        |_| {},
+        |e| match e {
+            Event::Syscall(sc)
+                if !done
+                    && sc.nr == libc::SYS_clock_gettime as u32
+                    && sc.mode == Mode::Emulated =>
+            {
+                sc.mode = Mode::Executed;
+                done = true;
+                true
+            }
+            _ => false,
+        },
+    );
+    assert!(changed, "date read no clock to tamper with");
+    let r = replay(&b, &log);
+    assert_eq!(r.status.code(), Some(3), "{}", stderr(&r));
+    let e = stderr(&r);
+    assert!(
+        e.contains("divergence (decision)") && e.contains("clock_gettime"),
+        "{e}"
+    );
+    assert!(
+        e.contains("Executed as recorded") && e.contains("Emulated"),
+        "{e}"
+    );
+}

@@ -268,6 +268,18 @@ pub struct ChildSetup {
     pub user_ns: Option<(CString, CString)>,
 }
 
+/// The signals an operator sends a supervisor (or the program's init) to
+/// reach the program: passed on to it.
+pub const FORWARDED: [i32; 7] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+];
+
 /// The program's pid in its own PID namespace, for the init to forward
 /// signals to.
 static PROGRAM: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -488,14 +500,7 @@ unsafe fn init_loop(program: i32) -> ! {
     // SAFETY: installs an async-signal-safe handler (it only calls kill);
     // the sigaction struct is fully initialised; wait4 writes to a local.
     unsafe {
-        for sig in [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGQUIT,
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-        ] {
+        for sig in FORWARDED {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = init_forward as *const () as usize;
             sa.sa_flags = libc::SA_RESTART;
