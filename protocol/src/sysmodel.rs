@@ -165,6 +165,9 @@ pub enum Family {
     RestartSyscall,
     /// Refused without a message: glibc falls back silently (rseq, clone3).
     Fallback,
+    /// `sched_getaffinity`: the program sees the CPUs it would have had
+    /// without the supervisor's same-CPU pin.
+    Affinity,
 }
 
 /// One syscall in the model.
@@ -366,7 +369,7 @@ table! {
     SYS_sysinfo: External, [Ptr], [Fixed(0, 112)], false;
     SYS_getrusage: External, [Int, Ptr], [Fixed(1, 144)], false;
     SYS_times: External, [Ptr], [Fixed(0, 32)], false;
-    SYS_sched_getaffinity: External, [Pid, Len, Ptr], [Ret(2)], false;
+    SYS_sched_getaffinity: External, [Pid, Len, Ptr], [Ret(2)], false, Affinity;
     SYS_getcpu: External, [Ptr, Ptr, Ptr], [Fixed(0, 4), Fixed(1, 4)], false;
     SYS_futex: External, [Ptr, Int, Int, Ptr, Ptr, Int], [], true, Futex;
     SYS_epoll_wait: External, [Fd, Ptr, Int, Int], [RetTimes(1, 12)], true;
@@ -513,7 +516,7 @@ pub fn all() -> impl Iterator<Item = &'static Spec> {
 
 /// Bump when the meaning of the model changes in a way its table does not
 /// show (how a family is handled, say).
-const MODEL_REVISION: u32 = 2;
+const MODEL_REVISION: u32 = 3;
 
 /// A fingerprint of the syscall model: recorded in each log's header, so a
 /// replay under a different model (which would decide differently) is

@@ -55,6 +55,9 @@ pub struct Takeover {
     pub shadow: Shadow<()>,
     /// Ports of the program's listening sockets (for the output rule).
     pub listening: Vec<u16>,
+    /// The CPU the replay's thread (which goes on recording) shares with
+    /// the program.
+    pub pin: Option<hotstandby_tracer::pin::Pinning>,
 }
 
 fn pending(nr: u32, args: [u64; 6], mode: Mode) -> Pending {
@@ -93,6 +96,7 @@ pub fn continue_live(
         }
     }
     r.net = net;
+    r.pin = t.pin;
     for th in &t.threads {
         r.ids.insert(th.ns, th.tid);
         let st = match &th.state {

@@ -158,6 +158,8 @@ pub(crate) struct Recorder {
     /// The thread that last ran user code (for time slices).
     pub last_run: Option<Tid>,
     pub net: Option<Arc<dyn NetObserver>>,
+    /// The CPU the supervisor and the program share, if pinned.
+    pub pin: Option<hotstandby_tracer::pin::Pinning>,
 }
 
 /// Record a program into `opts.log_dir`. Blocks until it exits.
@@ -187,12 +189,14 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
             }
         })?;
     }
+    let pin = hotstandby_tracer::pin::pin_here();
     let started = spawn::spawn(&id, None)?;
     let pid = started.task.tid();
     forward_signals(pid);
     let ns = started.ns_pid;
     let mut r = Recorder::new(log, pid, Shadow::new(ns, fdclass::open_fds(pid)));
     r.net = opts.net.clone();
+    r.pin = pin;
     r.ids.insert(ns, pid);
     r.last_run = Some(pid);
     r.threads.insert(
@@ -323,6 +327,7 @@ impl Recorder {
             warned: HashSet::new(),
             last_run: None,
             net: None,
+            pin: None,
         }
     }
 

@@ -6,7 +6,7 @@
 use hotstandby_protocol::decide::{self, Decision, HashOf};
 use hotstandby_protocol::record::{Event, MemWrite, Mode, SyscallEvent};
 use hotstandby_protocol::shadow::{self, FdKind};
-use hotstandby_protocol::sysmodel::{self, Arg, Spec};
+use hotstandby_protocol::sysmodel::{self, Arg, Family, Spec};
 use hotstandby_tracer::mem::{self, EntryInfo};
 use hotstandby_tracer::{fdclass, task, Running, Stopped, TaskPeek, Tid, Waited};
 
@@ -211,6 +211,13 @@ impl Recorder {
         let regs = s.regs()?;
         let ret = regs.rax as i64;
         let (tgid, ns_tgid) = (self.th(t).tgid, self.th(t).ns_tgid);
+        if let (Family::Affinity, Some(pin)) = (p.spec.family, &self.pin) {
+            if ret > 0 && p.args[2] != 0 {
+                // The CPUs it would have had, not the supervisor's pin.
+                let n = (ret as usize).min(pin.original.len());
+                s.write(p.args[2], &pin.original[..n])?;
+            }
+        }
         let writes = outputs(t, &p, ret)?;
         let hash = match p.plan.hash {
             HashOf::Nothing => 0,

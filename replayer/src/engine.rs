@@ -168,6 +168,8 @@ pub(crate) struct Engine<'a> {
     /// recorded byte count, by live tid.
     pub fills: HashMap<Tid, Fill>,
     pub tail_max: usize,
+    /// The CPU this thread shares with the program (handed on at a takeover).
+    pub pin: Option<hotstandby_tracer::pin::Pinning>,
 }
 
 /// Check that the program on this machine is the one recorded, under the
@@ -300,6 +302,7 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
     } else {
         None
     };
+    let pin = hotstandby_tracer::pin::pin_here();
     let started = spawn::spawn(&log, bind.as_ref().map(|(a, b)| (a.as_path(), b.as_path())))?;
     let pid = started.task.tid();
     let mut guard = KillGuard(pid, true);
@@ -328,6 +331,7 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
         leader_live: pid,
         exit_status: None,
         idx: 0,
+        pin,
     };
     if let Some(f) = first {
         if f != ns {

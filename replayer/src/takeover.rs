@@ -196,6 +196,7 @@ impl Engine<'_> {
                 threads,
                 shadow,
                 listening,
+                pin: self.pin.clone(),
             },
             connections,
             resend,

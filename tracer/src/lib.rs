@@ -11,6 +11,7 @@
 pub mod fdclass;
 pub mod mem;
 pub mod nsid;
+pub mod pin;
 pub mod seccomp;
 pub mod spawn;
 pub mod sys;
