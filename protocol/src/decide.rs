@@ -135,6 +135,8 @@ pub fn decide_spec(spec: &Spec, args: &[u64; 6], cx: &mut dyn Context) -> Decisi
         Family::Kill => plan.mode = Mode::Emulated,
         Family::Accept => plan.mode = Mode::PlaceholderFd,
         Family::RestartSyscall => plan.mode = Mode::Emulated,
+        // Answered by the supervisor (its answer is logged).
+        Family::BufferRegister | Family::BufferDrain => plan.mode = Mode::Emulated,
         Family::MaskWait(_) if spec.class == Class::Special => plan.mode = Mode::Emulated,
         Family::Futex => plan.blocking = sysmodel::futex_blocks(args[1]),
         Family::Fcntl => {

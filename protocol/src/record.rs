@@ -38,6 +38,10 @@ pub struct Identity {
     pub start_unix_ns: u64,
     /// Data directory whose files replay reads for real (informational).
     pub data_dir: Vec<u8>,
+    /// The `LD_PRELOAD=` entry that loaded the syscall buffer (its path
+    /// names its content), empty when recorded without it. Replay preloads
+    /// exactly the same, or refuses.
+    pub preload: Vec<u8>,
 }
 
 /// How replay treats one syscall.
@@ -119,6 +123,25 @@ pub struct TcpConn {
     pub wall_ms: u64,
 }
 
+/// One syscall the program made through the in-process syscall buffer
+/// (no ptrace stop): what the outside world answered.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct BufCall {
+    /// The call as the program made it (read, recvfrom, clock_gettime…).
+    pub nr: u16,
+    /// `1`: it would have blocked; the program then made it traced.
+    pub flags: u8,
+    /// Call-specific (`1`: `data` ends with a peer address).
+    pub extra: u8,
+    /// The fd it was made on (-1: none).
+    pub fd: i32,
+    pub ret: i64,
+    /// Hash of the bytes written (writes), 0 otherwise.
+    pub hash: u64,
+    /// The bytes the kernel wrote for the program.
+    pub data: Vec<u8>,
+}
+
 /// One scheduling decision or observation of the supervisor.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -161,6 +184,9 @@ pub enum Event {
     Exit { tid: u32, code: i32, group: bool },
     /// The TCP parameters of a connection just accepted.
     Tcp(TcpConn),
+    /// Calls `tid` made through its syscall buffer since its last logged
+    /// event, in order; logged right before its next event.
+    Batch { tid: u32, calls: Vec<BufCall> },
 }
 
 impl Event {
@@ -174,7 +200,8 @@ impl Event {
             | Event::Signal { tid, .. }
             | Event::Fault { tid, .. }
             | Event::Rdtsc { tid, .. }
-            | Event::Exit { tid, .. } => *tid,
+            | Event::Exit { tid, .. }
+            | Event::Batch { tid, .. } => *tid,
             Event::Tcp(c) => c.tid,
         }
     }
@@ -191,6 +218,7 @@ impl Event {
             Event::Rdtsc { .. } => "rdtsc",
             Event::Exit { .. } => "exit",
             Event::Tcp(_) => "tcp",
+            Event::Batch { .. } => "batch",
         }
     }
 }
@@ -206,7 +234,8 @@ impl ArchivedEvent {
             | ArchivedEvent::Signal { tid, .. }
             | ArchivedEvent::Fault { tid, .. }
             | ArchivedEvent::Rdtsc { tid, .. }
-            | ArchivedEvent::Exit { tid, .. } => tid.to_native(),
+            | ArchivedEvent::Exit { tid, .. }
+            | ArchivedEvent::Batch { tid, .. } => tid.to_native(),
             ArchivedEvent::Tcp(c) => c.tid.to_native(),
         }
     }

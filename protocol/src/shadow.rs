@@ -495,6 +495,30 @@ fn word(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
+/// The changes a call made through the syscall buffer made (bytes moved on
+/// its fd: buffered calls create and close nothing).
+pub fn buffered_effects(call: &crate::record::BufCall) -> Vec<Change> {
+    let Some(spec) = crate::sysmodel::spec(call.nr as u32) else {
+        return Vec::new();
+    };
+    if call.flags & 1 != 0 || call.ret <= 0 {
+        return Vec::new();
+    }
+    match spec.family {
+        Family::Read { .. } => vec![Change::Io {
+            fd: call.fd,
+            wrote: false,
+            n: call.ret as u64,
+        }],
+        Family::Write(_) => vec![Change::Io {
+            fd: call.fd,
+            wrote: true,
+            n: call.ret as u64,
+        }],
+        _ => Vec::new(),
+    }
+}
+
 /// The changes a completed syscall made, from its model entry alone.
 pub fn effects(spec: &Spec, args: &[u64; 6], ret: i64, peek: &mut dyn Peek) -> Vec<Change> {
     if ret < 0 || spec.class == Class::Refuse {

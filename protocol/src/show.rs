@@ -149,6 +149,24 @@ pub fn event_line(i: usize, e: &Event) -> String {
                 if *group { "exit_group" } else { "exit" }
             )
         }
+        Event::Batch { tid, calls } => {
+            let mut names: Vec<String> = calls
+                .iter()
+                .take(6)
+                .map(|c| {
+                    let fb = if c.flags & 1 != 0 { " (then traced)" } else { "" };
+                    format!("{}({}) = {}{fb}", sysmodel::name(c.nr as u32), c.fd, fmt_ret(c.ret))
+                })
+                .collect();
+            if calls.len() > 6 {
+                names.push(format!("… {} more", calls.len() - 6));
+            }
+            format!(
+                "#{i} [{tid}] buffered: {} call(s): {}",
+                calls.len(),
+                names.join(", ")
+            )
+        }
         Event::Tcp(c) => format!(
             "#{i} [{}] tcp fd {} {} <- {} snd_base {} rcv_base {} mss {} wscale {}/{} opts {:#x} ts {}",
             c.tid,

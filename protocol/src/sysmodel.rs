@@ -168,6 +168,11 @@ pub enum Family {
     /// `sched_getaffinity`: the program sees the CPUs it would have had
     /// without the supervisor's same-CPU pin.
     Affinity,
+    /// The syscall buffer's pseudo-syscalls: a thread registers its buffer
+    /// (`hotstandby_buffer(addr, size, fdtab, fdtab_size)`), and on replay
+    /// asks for its outbox to be drained (never logged).
+    BufferRegister,
+    BufferDrain,
 }
 
 /// One syscall in the model.
@@ -192,7 +197,26 @@ use Out::*;
 macro_rules! table {
     ($( $sys:ident : $class:expr, [$($a:expr),*], [$($o:expr),*], $blk:expr $(, $fam:expr)? ; )*) => {
         fn build() -> Vec<Option<Spec>> {
-            let mut t: Vec<Option<Spec>> = vec![None; 512];
+            let mut t: Vec<Option<Spec>> = vec![None; 1024];
+            // The syscall buffer's pseudo-syscalls (no kernel has them).
+            t[1000] = Some(Spec {
+                nr: 1000,
+                name: "hotstandby_buffer",
+                args: &[Ptr, Len, Ptr, Len],
+                class: Special,
+                out: &[],
+                blocking: false,
+                family: BufferRegister,
+            });
+            t[1001] = Some(Spec {
+                nr: 1001,
+                name: "hotstandby_drain",
+                args: &[],
+                class: Special,
+                out: &[],
+                blocking: false,
+                family: BufferDrain,
+            });
             $(
                 {
                     let nr = libc::$sys as usize;
@@ -516,7 +540,7 @@ pub fn all() -> impl Iterator<Item = &'static Spec> {
 
 /// Bump when the meaning of the model changes in a way its table does not
 /// show (how a family is handled, say).
-const MODEL_REVISION: u32 = 3;
+const MODEL_REVISION: u32 = 4;
 
 /// A fingerprint of the syscall model: recorded in each log's header, so a
 /// replay under a different model (which would decide differently) is
@@ -539,6 +563,21 @@ const FUTEX_LOCK_PI: u64 = 6;
 const FUTEX_WAIT_BITSET: u64 = 9;
 const FUTEX_WAIT_REQUEUE_PI: u64 = 11;
 const FUTEX_LOCK_PI2: u64 = 13;
+
+/// How many of a call's arguments mean something (and are compared on
+/// replay): the model's count, except for `futex`, whose operation decides
+/// (a wake ignores its last three; their registers hold whatever was there).
+pub fn meaningful_args(spec: &Spec, args: &[u64; 6]) -> usize {
+    if spec.family != Family::Futex {
+        return spec.args.len();
+    }
+    const FUTEX_WAKE: u64 = 1;
+    match args[1] & 0x7f {
+        FUTEX_WAKE => 3,
+        FUTEX_WAIT => 4,
+        _ => 6,
+    }
+}
 
 /// Whether a futex operation (`args[1]`) may wait.
 pub fn futex_blocks(op: u64) -> bool {

@@ -6,6 +6,7 @@
 //! (the scheduler), [`syscall`], [`signal`], [`net`], [`live`] (a program
 //! taken over from a replay goes on recording).
 
+mod buffer;
 pub mod live;
 pub mod logfile;
 mod net;
@@ -13,6 +14,7 @@ pub mod record;
 mod signal;
 mod syscall;
 
+pub use buffer::{entries as fd_entries, touched as fd_touched};
 pub use live::{continue_live, Takeover, TakeoverState, TakeoverThread};
 pub use record::{copy_tree, record, RecordError, RecordOptions, RecordOutcome};
 pub use signal::{is_fault, rdtsc_len};

@@ -42,6 +42,9 @@ pub struct TakeoverThread {
     pub tgid: Tid,
     pub ns_tgid: u32,
     pub state: TakeoverState,
+    /// Its syscall buffer (switching to recording once its replayed batch
+    /// is used up).
+    pub buf: Option<hotstandby_tracer::buffer::Buffer>,
 }
 
 /// What a replay hands over when it goes live.
@@ -58,6 +61,10 @@ pub struct Takeover {
     /// The CPU the replay's thread (which goes on recording) shares with
     /// the program.
     pub pin: Option<hotstandby_tracer::pin::Pinning>,
+    /// The syscall buffer library the program was started with, and each
+    /// process's fd table of it.
+    pub preload: Option<std::path::PathBuf>,
+    pub fdtabs: Vec<(u32, u64)>,
 }
 
 fn pending(nr: u32, args: [u64; 6], mode: Mode) -> Pending {
@@ -97,6 +104,9 @@ pub fn continue_live(
     }
     r.net = net;
     r.pin = t.pin;
+    r.buffering = t.preload.is_some();
+    r.preload = t.preload.clone();
+    r.fdtabs = t.fdtabs.iter().copied().collect();
     for th in &t.threads {
         r.ids.insert(th.ns, th.tid);
         let st = match &th.state {
@@ -134,6 +144,7 @@ pub fn continue_live(
                 st,
                 slice: 0,
                 resumed_rip: None,
+                buf: th.buf,
             },
         );
     }

@@ -463,6 +463,7 @@ impl EventCursor {
                 model: [0; 32],
                 start_unix_ns: 0,
                 data_dir: vec![],
+                preload: vec![],
             },
             trailer: None,
         };

@@ -53,6 +53,9 @@ pub enum RecordError {
     /// part of the state it records.
     #[error("the log directory {log} is inside the data directory {data}: put the log elsewhere")]
     LogInDataDir { log: PathBuf, data: PathBuf },
+    /// The syscall buffer of a thread could not be read or written.
+    #[error("syscall buffer: {0}")]
+    Buffer(String),
     /// The kernel reported a thread whose id in the program's PID
     /// namespace cannot be read.
     #[error("thread {0}: its id in the program's PID namespace cannot be read")]
@@ -137,6 +140,8 @@ pub(crate) struct Th {
     pub slice: u32,
     /// rip right after the last logged syscall, while no user code ran.
     pub resumed_rip: Option<u64>,
+    /// Its syscall buffer, once registered.
+    pub buf: Option<hotstandby_tracer::buffer::Buffer>,
 }
 
 pub(crate) struct Recorder {
@@ -160,6 +165,11 @@ pub(crate) struct Recorder {
     pub net: Option<Arc<dyn NetObserver>>,
     /// The CPU the supervisor and the program share, if pinned.
     pub pin: Option<hotstandby_tracer::pin::Pinning>,
+    /// The syscall buffer is preloaded (from this library).
+    pub buffering: bool,
+    pub preload: Option<PathBuf>,
+    /// Each process's fd table of the buffer library.
+    pub fdtabs: crate::buffer::FdTabs,
 }
 
 /// Record a program into `opts.log_dir`. Blocks until it exits.
@@ -175,8 +185,15 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
     if let Some(d) = &data_dir {
         check_log_outside(&opts.log_dir, d)?;
     }
-    let id: Identity =
+    let mut id: Identity =
         spawn::identity(&opts.argv, spawn::recorded_env(), &cwd, data_dir.as_deref())?;
+    let preload = if hotstandby_tracer::buffer::enabled() {
+        let p = hotstandby_tracer::buffer::install()?;
+        id.preload = hotstandby_tracer::buffer::preload_entry(&p, &id.env);
+        Some(p)
+    } else {
+        None
+    };
     let mut log = LogWriter::create(&opts.log_dir, &id)?;
     if let Some(t) = &opts.throttle {
         log.set_throttle(t.clone());
@@ -197,6 +214,8 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
     let mut r = Recorder::new(log, pid, Shadow::new(ns, fdclass::open_fds(pid)));
     r.net = opts.net.clone();
     r.pin = pin;
+    r.buffering = preload.is_some();
+    r.preload = preload;
     r.ids.insert(ns, pid);
     r.last_run = Some(pid);
     r.threads.insert(
@@ -207,6 +226,7 @@ pub fn record(opts: &RecordOptions) -> Result<RecordOutcome, RecordError> {
             st: St::Running(started.task.resume(0)?),
             slice: 0,
             resumed_rip: None,
+            buf: None,
         },
     );
     r.current = Some(pid);
@@ -328,6 +348,9 @@ impl Recorder {
             last_run: None,
             net: None,
             pin: None,
+            buffering: false,
+            preload: None,
+            fdtabs: Default::default(),
         }
     }
 
@@ -470,6 +493,9 @@ impl Recorder {
                 hotstandby_tracer::sys::hide_vdso(t)?;
                 let tgid = self.th(t).tgid;
                 let ns_tgid = self.th(t).ns_tgid;
+                // A new program: its library registers again.
+                self.th(t).buf = None;
+                self.fdtabs.remove(&ns_tgid);
                 let open = fdclass::open_fds(tgid);
                 self.apply(ns_tgid, Change::Exec { open });
                 self.continue_in_kernel(s)?;
@@ -554,6 +580,11 @@ impl Recorder {
             self.schedule(t)
         } else {
             self.runq.push_back(t);
+            // The running thread comes to a boundary soon, even if it makes
+            // only buffered calls.
+            if let Some(c) = self.current {
+                self.nudge(c);
+            }
             Ok(())
         }
     }
@@ -574,7 +605,18 @@ impl Recorder {
             (ptgid, pns)
         } else {
             self.apply(pns, Change::Fork { child: child_ns });
+            if let Some(tab) = self.fdtabs.get(&pns).copied() {
+                self.fdtabs.insert(child_ns, tab);
+            }
             (child, child_ns)
+        };
+        // A new process (or a vfork child on its parent's memory) goes on
+        // with the parent thread's buffer, at the same address; a new
+        // thread registers its own.
+        let buf = if flags & libc::CLONE_THREAD as u64 != 0 {
+            None
+        } else {
+            self.th(parent).buf
         };
         let early = self.early_stops.remove(&child);
         let started = early.is_some();
@@ -589,6 +631,7 @@ impl Recorder {
                 },
                 slice: 0,
                 resumed_rip: None,
+                buf,
             },
         );
         if started {

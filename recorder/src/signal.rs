@@ -76,7 +76,11 @@ impl Recorder {
                         return self.emulate_rdtsc(s, regs, len);
                     }
                 }
+                // Its buffered calls come before an event logged here (only
+                // where replay stops too: a fault, a delivery right after a
+                // logged syscall), never before a signal merely held.
                 let deliver_now = if is_fault(sig, &info) {
+                    self.flush(t)?;
                     self.log.event(Event::Fault {
                         tid: self.ns(t),
                         signo: sig,
@@ -87,6 +91,7 @@ impl Recorder {
                     false
                 } else if self.th(t).resumed_rip == Some(regs.rip) {
                     // Right at the return of the syscall just logged: deliver here.
+                    self.flush(t)?;
                     self.log.event(Event::Signal {
                         tid: self.ns(t),
                         signo: sig,
@@ -96,6 +101,8 @@ impl Recorder {
                     true
                 } else {
                     self.pending_sigs.push_back((sig, info));
+                    // Delivered at its next traced boundary: make it come.
+                    self.nudge(t);
                     false
                 };
                 if deliver_now {
@@ -142,6 +149,7 @@ impl Recorder {
         regs.rip += len;
         s.set_regs(&regs)?;
         self.th(t).resumed_rip = None;
+        self.flush(t)?;
         self.log.event(Event::Rdtsc {
             tid: self.ns(t),
             rip,

@@ -49,6 +49,8 @@ impl Recorder {
         let nr = regs.orig_rax as u32;
         let args = mem::args_of(&regs);
         self.th(t).resumed_rip = None;
+        // What it did through its buffer comes first in the log.
+        self.flush(t)?;
         if let Some((sig, info)) = self.take_deliverable(t) {
             return self.deliver_at_entry(s, sig, info);
         }
@@ -68,6 +70,30 @@ impl Recorder {
             Decision::Run(plan) => plan,
         };
         let spec = sysmodel::spec(nr).expect("a decided syscall is in the model");
+        match spec.family {
+            Family::BufferRegister => {
+                let ret = self.register(&s, &args)?;
+                return self.answer(s, nr, args, ret, plan);
+            }
+            Family::BufferDrain => {
+                // Only a replaying library drains; answered, not logged.
+                s.skip(0)?;
+                self.th(t).st = St::Running(s.resume(0)?);
+                self.current = Some(t);
+                return Ok(());
+            }
+            Family::Exec => {
+                if let Some(p) = self.preload.clone() {
+                    let envp = if nr as i64 == libc::SYS_execveat {
+                        3
+                    } else {
+                        2
+                    };
+                    hotstandby_tracer::buffer::inject_preload(&mut s, envp, &p)?;
+                }
+            }
+            _ => {}
+        }
         let mut p = Pending {
             nr,
             args,
@@ -110,6 +136,33 @@ impl Recorder {
             }
         }
         Ok(())
+    }
+
+    /// Answer a syscall the supervisor itself answers (`ret`), logged as
+    /// emulated.
+    fn answer(
+        &mut self,
+        mut s: Stopped,
+        nr: u32,
+        args: [u64; 6],
+        ret: i64,
+        plan: decide::Plan,
+    ) -> Result<(), RecordError> {
+        s.skip(ret)?;
+        let t = s.tid();
+        self.log.event(Event::Syscall(SyscallEvent {
+            tid: self.ns(t),
+            nr,
+            args,
+            ret,
+            mode: plan.mode,
+            writes: vec![],
+            hash: 0,
+            aux: 0,
+            path: vec![],
+        }))?;
+        let rip = s.regs()?.rip;
+        self.resume_after_syscall(s, rip, nr, false)
     }
 
     /// Answer a syscall with `-errno` without running it.
@@ -235,6 +288,13 @@ impl Recorder {
             0
         };
         let changes = shadow::effects(p.spec, &p.args, ret, &mut TaskPeek { tid: t, tgid });
+        let mut fds: Vec<i32> = Vec::new();
+        for c in &changes {
+            fds.extend(crate::buffer::touched(c).unwrap_or_default());
+        }
+        if matches!(p.spec.family, Family::Fcntl | Family::Ioctl) {
+            fds.push(p.args[0] as i32);
+        }
         let mut notes = Vec::new();
         for c in changes {
             tracing::trace!(call = p.spec.name, change = ?c, "shadow");
@@ -253,6 +313,9 @@ impl Recorder {
         }))?;
         // The network side learns of it once the record is in the log.
         self.net_notes(notes);
+        if !fds.is_empty() {
+            self.fd_sync(t, fds)?;
+        }
         if ret >= 0 {
             self.net_after(t, p.spec, &p.args, ret)?;
         }

@@ -44,6 +44,9 @@ pub enum ReplayError {
     /// The log could not be read (a corrupt frame met during replay).
     #[error(transparent)]
     Log(#[from] LogError),
+    /// A thread's syscall buffer could not be read or written.
+    #[error("syscall buffer: {0}")]
+    Buffer(String),
     /// Preparing the data directory failed.
     #[error("preparing the data directory {path}: {source}")]
     DataDir {
@@ -150,6 +153,8 @@ pub(crate) struct Th {
     /// Its process as the program knows it.
     pub ns_tgid: u32,
     pub st: St,
+    /// Its syscall buffer, once registered.
+    pub buf: Option<hotstandby_tracer::buffer::Buffer>,
 }
 
 pub(crate) struct Engine<'a> {
@@ -170,6 +175,14 @@ pub(crate) struct Engine<'a> {
     pub tail_max: usize,
     /// The CPU this thread shares with the program (handed on at a takeover).
     pub pin: Option<hotstandby_tracer::pin::Pinning>,
+    /// Batches written into threads' buffers, not yet settled.
+    pub filled: HashMap<u32, crate::buffer::Filled>,
+    /// What threads wrote to sockets through their buffers, in order.
+    pub outbox: HashMap<u32, std::collections::VecDeque<(i32, Vec<u8>)>>,
+    /// Each process's fd table of the buffer library.
+    pub fdtabs: HashMap<u32, u64>,
+    /// The syscall buffer library the program runs with.
+    pub preload: Option<PathBuf>,
 }
 
 /// Check that the program on this machine is the one recorded, under the
@@ -186,6 +199,17 @@ pub fn check_identity(id: &Identity) -> Result<(), ReplayError> {
             hex(&id.exe_sha256),
             hex(&found)
         )));
+    }
+    if !id.preload.is_empty() {
+        let path = hotstandby_tracer::buffer::install()
+            .map_err(|e| ReplayError::Identity(e.to_string()))?;
+        if hotstandby_tracer::buffer::preload_entry(&path, &id.env) != id.preload {
+            return Err(ReplayError::Identity(format!(
+                "the log was recorded with another build of the syscall buffer ({}); this build has {}",
+                String::from_utf8_lossy(&id.preload),
+                path.display()
+            )));
+        }
     }
     let model = sysmodel::fingerprint();
     if id.model != model {
@@ -332,6 +356,10 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
         exit_status: None,
         idx: 0,
         pin,
+        filled: HashMap::new(),
+        outbox: HashMap::new(),
+        fdtabs: HashMap::new(),
+        preload: (!log.preload.is_empty()).then(hotstandby_tracer::buffer::lib_path),
     };
     if let Some(f) = first {
         if f != ns {
@@ -351,6 +379,7 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
             tgid: pid,
             ns_tgid: ns,
             st: St::Running(started.task.resume(0)?),
+            buf: None,
         },
     );
     let out = e.run()?;
@@ -457,12 +486,31 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// Bring `tid` to a syscall entry and return it stopped there.
+    /// Bring `tid` to a syscall entry and return it stopped there (with
+    /// its buffered batch, if any, settled).
     pub(crate) fn entry(&mut self, tid: u32, expect: &str) -> Result<Stopped, ReplayError> {
         match self.take(tid)? {
             St::AtEntry(s) | St::Blocked(s) => Ok(s),
-            St::Running(run) => match wait_for(run)? {
-                Waited::Stopped(s, Stop::Entry) => Ok(s),
+            St::Running(mut run) => match loop {
+                match wait_for(run)? {
+                    Waited::Stopped(mut s, Stop::Entry) => {
+                        if s.regs()?.orig_rax != hotstandby_tracer::buffer::SYS_DRAIN as u64 {
+                            break Waited::Stopped(s, Stop::Entry);
+                        }
+                        // The library's outbox is full: not a logged call.
+                        if let Some(b) = self.th(tid)?.buf {
+                            self.drain(tid, s.tid(), b)?;
+                        }
+                        s.skip(0)?;
+                        run = s.resume(0)?;
+                    }
+                    w => break w,
+                }
+            } {
+                Waited::Stopped(s, Stop::Entry) => {
+                    self.settle(tid, s.tid())?;
+                    Ok(s)
+                }
                 Waited::Stopped(mut s, stop @ Stop::Signal { .. }) => {
                     let rip = s.regs().map(|r| r.rip).unwrap_or(0);
                     let what = describe(&Waited::Stopped(Stopped::from_tid(s.tid()), stop));
@@ -508,6 +556,7 @@ impl Engine<'_> {
             }
             tracing::trace!(idx = self.idx, ?ev, "replay");
             match &ev {
+                Event::Batch { tid, .. } => self.on_batch(*tid)?,
                 Event::Syscall(s) => self.on_syscall(s)?,
                 Event::Enter {
                     tid,
@@ -516,7 +565,10 @@ impl Engine<'_> {
                     mode,
                 } => self.on_enter(*tid, *nr, args, *mode)?,
                 Event::Switch { tid } => match self.take(*tid)? {
-                    St::Ready(s) => self.set(*tid, St::Running(s.resume(0)?))?,
+                    St::Ready(s) => {
+                        self.prepare(*tid, self.idx + 1)?;
+                        self.set(*tid, St::Running(s.resume(0)?))?
+                    }
                     other => {
                         let name = other.name();
                         self.set(*tid, other)?;
@@ -572,7 +624,10 @@ impl Engine<'_> {
             // A Switch to the same thread (first event after a takeover):
             // the Switch resumes it.
             Some(Event::Switch { tid: t }) if *t == tid => St::Ready(s),
-            Some(e) if e.tid() == tid => St::Running(s.resume(0)?),
+            Some(e) if e.tid() == tid => {
+                self.prepare(tid, self.idx + 1)?;
+                St::Running(s.resume(0)?)
+            }
             _ => St::Ready(s),
         };
         self.set(tid, st)
@@ -700,7 +755,16 @@ impl Engine<'_> {
                 format!("it got id {got}"),
             );
         }
-        let (tgid, child_tgid) = if flags & libc::CLONE_THREAD as u64 != 0 {
+        let thread = flags & libc::CLONE_THREAD as u64 != 0;
+        // A new process (or a vfork child) goes on with its parent thread's
+        // buffer, at the same address; a new thread registers its own.
+        let buf = if thread { None } else { self.th(tid)?.buf };
+        if !thread {
+            if let Some(tab) = self.fdtabs.get(&ns_tgid).copied() {
+                self.fdtabs.insert(child, tab);
+            }
+        }
+        let (tgid, child_tgid) = if thread {
             (ptgid, ns_tgid)
         } else {
             self.shadow
@@ -723,6 +787,7 @@ impl Engine<'_> {
                 tgid,
                 ns_tgid: child_tgid,
                 st: St::Ready(first),
+                buf,
             },
         );
         let st = match (exit_stop, run) {

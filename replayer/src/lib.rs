@@ -6,6 +6,7 @@
 //! (the event loop and schedule), `syscall`, `signal`, `net`, [`takeover`]
 //! (going live), [`divergence`].
 
+mod buffer;
 pub mod divergence;
 mod engine;
 mod net;

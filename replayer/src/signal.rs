@@ -15,6 +15,8 @@ impl Engine<'_> {
     /// to be taken.
     fn deliver(&mut self, tid: u32, s: Stopped, sig: i32, info: &[u8]) -> Result<(), ReplayError> {
         let tgid = self.th(tid)?.tgid;
+        // The handler (and what follows) may run through buffered calls.
+        self.prepare(tid, self.idx + 1)?;
         // Other signals met on the way are the standby's own (a replayed
         // child's SIGCHLD): the recorded ones come from the log.
         let (run, _others) = s.deliver(tgid, sig, info)?;
@@ -86,6 +88,8 @@ impl Engine<'_> {
             Waited::Stopped(mut s, Stop::Signal { sig, .. }) if sig == signo => {
                 let at = s.regs()?.rip;
                 if at == rip {
+                    self.settle(tid, s.tid())?;
+                    self.prepare(tid, self.idx + 1)?;
                     return self.set(tid, St::Running(s.resume(signo)?));
                 }
                 self.set(tid, St::Ready(s))?;
@@ -144,6 +148,8 @@ impl Engine<'_> {
                         }
                         r.rip += len;
                         s.set_regs(&r)?;
+                        self.settle(tid, s.tid())?;
+                        self.prepare(tid, self.idx + 1)?;
                         self.set(tid, St::Running(s.resume(0)?))
                     }
                     _ => {

@@ -96,7 +96,9 @@ impl Engine<'_> {
         let r = s.regs()?;
         let anr = r.orig_rax as u32;
         let aargs = mem::args_of(&r);
-        let n = sysmodel::spec(nr).map(|s| s.args.len()).unwrap_or(0);
+        let n = sysmodel::spec(nr)
+            .map(|s| sysmodel::meaningful_args(s, args))
+            .unwrap_or(0);
         if anr != nr || args[..n] != aargs[..n] {
             return self.diverge(
                 Kind::Call,
@@ -257,6 +259,9 @@ impl Engine<'_> {
                 if let Some(mask) = self.mask_wait_signal(tid, live, ev)? {
                     return self.suspend_deliver(tid, s, mask);
                 }
+                if spec.map(|sp| sp.family) == Some(Family::BufferRegister) && ev.ret == 0 {
+                    self.register(tid, &s, &ev.args)?;
+                }
                 s.skip(ev.ret)?;
                 for w in &ev.writes {
                     s.write(w.addr, &w.data)?;
@@ -272,6 +277,22 @@ impl Engine<'_> {
             }
             Mode::Executed | Mode::ExecutedInjected => {
                 let wait = spec.map(|sp| sp.family) == Some(Family::Wait);
+                let at = match at {
+                    At::Entry(mut s) if spec.map(|sp| sp.family) == Some(Family::Exec) => {
+                        // The new program loads the buffer library too, as
+                        // when recording.
+                        if let Some(p) = self.preload.clone() {
+                            let envp = if ev.nr as i64 == libc::SYS_execveat {
+                                3
+                            } else {
+                                2
+                            };
+                            hotstandby_tracer::buffer::inject_preload(&mut s, envp, &p)?;
+                        }
+                        At::Entry(s)
+                    }
+                    other => other,
+                };
                 let mut x = if wait {
                     self.reap(tid, at, ev)?
                 } else {
@@ -370,10 +391,20 @@ impl Engine<'_> {
         };
         let (tgid, ns_tgid) = (self.th(tid)?.tgid, self.th(tid)?.ns_tgid);
         let changes = shadow::effects(spec, &ev.args, ev.ret, &mut TaskPeek { tid: s.tid(), tgid });
+        let mut fds: Vec<i32> = Vec::new();
+        for c in &changes {
+            fds.extend(hotstandby_recorder::fd_touched(c).unwrap_or_default());
+        }
+        if matches!(spec.family, Family::Fcntl | Family::Ioctl) && ev.ret >= 0 {
+            fds.push(ev.args[0] as i32);
+        }
         for c in changes {
             tracing::trace!(idx = self.idx, call = sysmodel::name(ev.nr), change = ?c, "shadow");
             let notes = self.shadow.apply(ns_tgid, c);
             self.conn_notes(notes, tail.as_deref());
+        }
+        if !fds.is_empty() {
+            self.fd_sync(tid, fds)?;
         }
         Ok(())
     }
@@ -690,6 +721,9 @@ impl Engine<'_> {
                 Waited::Stopped(s, Stop::Exec) => {
                     hotstandby_tracer::sys::hide_vdso(s.tid())?;
                     let (tgid, ns_tgid) = (self.th(tid)?.tgid, self.th(tid)?.ns_tgid);
+                    // A new program: its library registers again.
+                    self.th(tid)?.buf = None;
+                    self.fdtabs.remove(&ns_tgid);
                     let open = fdclass::open_fds(tgid);
                     let notes = self.shadow.apply(ns_tgid, Change::Exec { open });
                     self.conn_notes(notes, None);

@@ -97,12 +97,18 @@ impl Engine<'_> {
                 // child id in its PID namespace).
                 St::AfterClone(_) => TakeoverState::Ready,
             };
+            let buf = self.threads[&ns].buf;
+            if let Some(b) = buf {
+                // Once the batch in its buffer is used up, it records.
+                b.go_live(tid)?;
+            }
             threads.push(TakeoverThread {
                 ns,
                 tid,
                 tgid,
                 ns_tgid,
                 state,
+                buf,
             });
         }
         let mut listeners = Vec::new();
@@ -197,6 +203,8 @@ impl Engine<'_> {
                 shadow,
                 listening,
                 pin: self.pin.clone(),
+                preload: self.preload.clone(),
+                fdtabs: self.fdtabs.iter().map(|(k, v)| (*k, *v)).collect(),
             },
             connections,
             resend,

@@ -8,6 +8,7 @@
 //! `hotstandby-recorder` and `hotstandby-replayer` crates). Raw kernel access
 //! lives in [`sys`]; each `unsafe` block there says why it holds.
 
+pub mod buffer;
 pub mod fdclass;
 pub mod mem;
 pub mod nsid;

@@ -3,9 +3,10 @@
 //! syscall the model does not know, stops the tracee for the supervisor
 //! (`SECCOMP_RET_TRACE`). Nothing unknown is ever allowed blindly.
 //!
-//! The filter is compiled by `seccompiler`; later an instruction-pointer
-//! exemption for an in-process syscall buffer can be prepended to the
-//! program without changing its shape.
+//! The filter is compiled by `seccompiler`, with an instruction-pointer
+//! exemption prepended: syscalls made from the syscall buffer's one
+//! untraced instruction (`buffer::UNTRACED_IP`, compared on all 64 bits)
+//! are allowed.
 
 use std::collections::BTreeMap;
 
@@ -35,15 +36,27 @@ pub fn build_filter() -> Result<Vec<libc::sock_filter>, SeccompError> {
     let prog: BpfProgram = filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| SeccompError::Build(e.to_string()))?;
-    Ok(prog
-        .into_iter()
-        .map(|f| libc::sock_filter {
-            code: f.code,
-            jt: f.jt,
-            jf: f.jf,
-            k: f.k,
-        })
-        .collect())
+    // First: a syscall made from the syscall buffer's untraced instruction
+    // (its full 64-bit address, after the instruction) is allowed.
+    let ip = crate::buffer::UNTRACED_IP;
+    let ld = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    let jeq = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+    let ins = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let mut out = vec![
+        ins(ld, 0, 0, 8), // instruction_pointer, low word
+        ins(jeq, 0, 3, ip as u32),
+        ins(ld, 0, 0, 12), // high word
+        ins(jeq, 0, 1, (ip >> 32) as u32),
+        ins(ret, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ];
+    out.extend(prog.into_iter().map(|f| libc::sock_filter {
+        code: f.code,
+        jt: f.jt,
+        jf: f.jf,
+        k: f.k,
+    }));
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -133,7 +133,23 @@ pub fn identity(
         data_dir: data_dir
             .map(|d| d.as_os_str().as_bytes().to_vec())
             .unwrap_or_default(),
+        preload: Vec::new(),
     })
+}
+
+/// The environment the program is started with: its own, and the syscall
+/// buffer preloaded when the identity says so.
+fn env_of(id: &Identity) -> Vec<Vec<u8>> {
+    let mut env: Vec<Vec<u8>> = id
+        .env
+        .iter()
+        .filter(|e| id.preload.is_empty() || !e.starts_with(b"LD_PRELOAD="))
+        .cloned()
+        .collect();
+    if !id.preload.is_empty() {
+        env.push(id.preload.clone());
+    }
+    env
 }
 
 /// The environment a recorded program gets: the caller's, with OpenSSL told
@@ -184,7 +200,10 @@ pub fn spawn(id: &Identity, bind: Option<(&Path, &Path)>) -> Result<Spawned, Spa
     let setup = ChildSetup {
         path: cstr(&id.exe)?,
         argv: id.argv.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?,
-        env: id.env.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?,
+        env: env_of(id)
+            .iter()
+            .map(|a| cstr(a))
+            .collect::<Result<_, _>>()?,
         cwd: cstr(&id.cwd)?,
         umask: id.umask,
         filter: seccomp::build_filter()?,

@@ -536,6 +536,9 @@ unsafe fn init_loop(program: i32) -> ! {
 pub fn hide_vdso(tid: i32) -> Result<bool, SysError> {
     let regs = get_regs(tid)?;
     let sp = regs.rsp;
+    // A /proc/TID/mem opened before the exec still points at the old
+    // address space: writes through it would go nowhere.
+    forget(tid);
     let word = |a: u64| -> Result<u64, SysError> {
         let b = read_mem(tid, a, 8)?;
         Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
