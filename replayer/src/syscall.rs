@@ -299,7 +299,17 @@ impl Engine<'_> {
                     self.run_executed(tid, at, ev)?
                 };
                 let mut r = x.regs()?;
-                let actual = r.rax as i64;
+                let mut actual = r.rax as i64;
+                if ev.mode == Mode::Executed && actual == -(libc::EAGAIN as i64) && ev.ret != actual
+                {
+                    // A non-blocking call on the program's own socketpair or
+                    // pipe found it empty (or full): the thread that fills it
+                    // (or drains it) was let into the kernel at its Enter
+                    // but, sharing this CPU, has not run yet. It will.
+                    x = self.again(tid, x, ev)?;
+                    r = x.regs()?;
+                    actual = r.rax as i64;
+                }
                 if ev.mode == Mode::Executed && actual != ev.ret {
                     self.set(tid, St::Ready(x))?;
                     return self.diverge(
@@ -367,6 +377,43 @@ impl Engine<'_> {
             );
         }
         self.after(tid, s)
+    }
+
+    /// Make an executed call that answered EAGAIN again, letting the other
+    /// threads in the kernel run between tries (bounded: 2 s).
+    fn again(
+        &mut self,
+        tid: u32,
+        mut x: Stopped,
+        ev: &SyscallEvent,
+    ) -> Result<Stopped, ReplayError> {
+        let name = sysmodel::name(ev.nr);
+        for _ in 0..20_000 {
+            if x.regs()?.rax as i64 != -(libc::EAGAIN as i64) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            let orig = x.regs()?;
+            x.rerun()?;
+            let s = match wait_for(x.resume(0)?)? {
+                Waited::Stopped(s, Stop::Entry) => s,
+                other => {
+                    let d = describe(&other);
+                    return self.diverge(Kind::Stop, tid, name, "the call made again", d);
+                }
+            };
+            x = self.finish_exec(tid, s.syscall(0)?, &name)?;
+            let mut r = x.regs()?;
+            // The program's argument registers, as it passed them.
+            r.rdi = orig.rdi;
+            r.rsi = orig.rsi;
+            r.rdx = orig.rdx;
+            r.r10 = orig.r10;
+            r.r8 = orig.r8;
+            r.r9 = orig.r9;
+            x.set_regs(&r)?;
+        }
+        Ok(x)
     }
 
     /// Put a thread back in a state replay can hand over or kill.

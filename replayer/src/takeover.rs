@@ -56,6 +56,14 @@ impl Engine<'_> {
     /// The log ended and the program goes on for real: turn every thread's
     /// replay state into a live one and make sockets real.
     pub(crate) fn take_over(&mut self) -> Result<Handover, ReplayError> {
+        // A thread running through a batch of buffered calls from the log
+        // finishes it first (to its next, unrecorded, syscall): the batch's
+        // writes must be counted, and their bytes kept, before the
+        // connections are rebuilt.
+        let running: Vec<u32> = self.filled.keys().copied().collect();
+        for tid in running {
+            self.finish_batch(tid)?;
+        }
         let tids: Vec<u32> = self.threads.keys().copied().collect();
         let mut threads = Vec::new();
         for ns in tids {
@@ -213,6 +221,58 @@ impl Engine<'_> {
             events: self.idx as u64,
             listeners,
         })
+    }
+}
+
+impl Engine<'_> {
+    /// Let a thread run through the rest of its batch to its next syscall
+    /// (bounded: 2 s; a thread that makes none by then goes on as it is,
+    /// and the batch's writes are not in its connections' tails).
+    fn finish_batch(&mut self, tid: u32) -> Result<(), ReplayError> {
+        let St::Running(mut run) = self.take(tid)? else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match run.try_wait()? {
+                Err(still) => {
+                    if std::time::Instant::now() > deadline {
+                        eprintln!("hotstandby: thread {tid} made no syscall within 2 s of the takeover; its last buffered writes may be missing from its connections' tails");
+                        self.filled.remove(&tid);
+                        return self.set(tid, St::Running(still));
+                    }
+                    run = still;
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+                Ok(hotstandby_tracer::Waited::Stopped(mut s, hotstandby_tracer::Stop::Entry)) => {
+                    if s.regs()?.orig_rax == hotstandby_tracer::buffer::SYS_DRAIN as u64 {
+                        if let Some(b) = self.th(tid)?.buf {
+                            self.drain(tid, s.tid(), b)?;
+                        }
+                        s.skip(0)?;
+                        run = s.resume(0)?;
+                        continue;
+                    }
+                    self.settle(tid, s.tid())?;
+                    return self.set(tid, St::AtEntry(s));
+                }
+                Ok(hotstandby_tracer::Waited::Stopped(s, stop)) => {
+                    if crate::engine::stray(&stop) {
+                        run = s.resume(0)?;
+                        continue;
+                    }
+                    // A fault or rdtsc: the live recorder handles it.
+                    self.settle(tid, s.tid())?;
+                    let _ = stop;
+                    return self.set(tid, St::Ready(s));
+                }
+                Ok(other) => {
+                    self.filled.remove(&tid);
+                    let _ = other;
+                    return self.set(tid, St::Gone);
+                }
+            }
+        }
     }
 }
 

@@ -364,7 +364,7 @@ fn a_log_from_another_syscall_model_is_refused() {
 }
 
 /// The negative control of replay's decision check: a record whose mode is
-/// not what the model decides (a clock read marked as executed) stops
+/// not what the model decides (a newfstatat marked as executed) stops
 /// replay with a decision divergence naming both.
 #[test]
 fn a_record_the_model_would_decide_otherwise_diverges() {
@@ -381,9 +381,7 @@ fn a_record_the_model_would_decide_otherwise_diverges() {
         |_| {},
         |e| match e {
             Event::Syscall(sc)
-                if !done
-                    && sc.nr == libc::SYS_clock_gettime as u32
-                    && sc.mode == Mode::Emulated =>
+                if !done && sc.nr == libc::SYS_newfstatat as u32 && sc.mode == Mode::Emulated =>
             {
                 sc.mode = Mode::Executed;
                 done = true;
@@ -392,12 +390,12 @@ fn a_record_the_model_would_decide_otherwise_diverges() {
             _ => false,
         },
     );
-    assert!(changed, "date read no clock to tamper with");
+    assert!(changed, "date made no newfstatat to tamper with");
     let r = replay(&b, &log);
     assert_eq!(r.status.code(), Some(3), "{}", stderr(&r));
     let e = stderr(&r);
     assert!(
-        e.contains("divergence (decision)") && e.contains("clock_gettime"),
+        e.contains("divergence (decision)") && e.contains("newfstatat"),
         "{e}"
     );
     assert!(

@@ -188,8 +188,17 @@ impl Buffer {
         put_u32(tid, self.addr + off::FAULT, 0)
     }
 
-    /// Record: take the calls appended since the last take.
+    /// Record: take the calls appended since the last take. A buffer still
+    /// in replay mode (a program taken over, at its first traced stop since)
+    /// holds replayed calls, already in the log: it is switched to
+    /// recording and nothing is taken.
     pub fn take(&self, tid: Tid) -> Result<Vec<Call>, BufferError> {
+        if u32_at(tid, self.addr + off::MODE)? == MODE_REPLAY {
+            put_u32(tid, self.addr + off::MODE, MODE_RECORD)?;
+            put_u32(tid, self.addr + off::GO_LIVE, 0)?;
+            self.reset(tid)?;
+            return Ok(Vec::new());
+        }
         let len = u32_at(tid, self.addr + off::LEN)? as usize;
         if len == 0 {
             // Still clear a request for a traced call: it has come.
@@ -287,7 +296,11 @@ pub fn parse(tid: Tid, bytes: &[u8]) -> Result<Vec<Call>, BufferError> {
         let data_len = u32::from_le_bytes(r[12..16].try_into().expect("4 bytes")) as usize;
         let ret = i64::from_le_bytes(r[16..24].try_into().expect("8 bytes"));
         let hash = u64::from_le_bytes(r[24..32].try_into().expect("8 bytes"));
-        if size < REC_HDR || !size.is_multiple_of(8) || i + size > bytes.len() || REC_HDR + data_len > size {
+        if size < REC_HDR
+            || !size.is_multiple_of(8)
+            || i + size > bytes.len()
+            || REC_HDR + data_len > size
+        {
             return Err(BufferError::BadRecord { tid, at: i });
         }
         calls.push(Call {
