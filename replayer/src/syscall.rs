@@ -268,13 +268,16 @@ impl Engine<'_> {
                 }
                 s
             }
-            Mode::Restart => {
-                let At::Entry(mut s) = at else {
-                    unreachable!("a restart is logged at an entry")
-                };
-                s.rewind()?;
-                s
-            }
+            Mode::Restart => match at {
+                At::Entry(mut s) => {
+                    s.rewind()?;
+                    s
+                }
+                // Let into the kernel here (a pipe read that blocked): a
+                // signal interrupted it when recording; here the same
+                // signal does, and it is then delivered as logged next.
+                At::Kernel(_, run) => self.interrupt(tid, run)?,
+            },
             Mode::Executed | Mode::ExecutedInjected => {
                 let wait = spec.map(|sp| sp.family) == Some(Family::Wait);
                 let at = match at {
@@ -377,6 +380,54 @@ impl Engine<'_> {
             );
         }
         self.after(tid, s)
+    }
+
+    /// Interrupt a syscall running in the kernel with the signal the log
+    /// delivers next to this thread: the syscall returns with the kernel's
+    /// restart code, and the thread waits at its exit for that delivery.
+    fn interrupt(&mut self, tid: u32, mut run: Running) -> Result<Stopped, ReplayError> {
+        let mut j = self.idx + 1;
+        let sig = loop {
+            match self.ev(j)? {
+                Some(Event::Signal { tid: t, signo, .. }) if t == tid => break signo,
+                Some(_) => j += 1,
+                None => {
+                    return self.diverge(
+                        Kind::Signal,
+                        tid,
+                        "interrupted syscall",
+                        "the signal that interrupted it",
+                        "no signal follows in the log",
+                    )
+                }
+            }
+        };
+        let live = run.tid();
+        self.fills.remove(&live);
+        let tgid = self.th(tid)?.tgid;
+        hotstandby_tracer::sys::tgkill(tgid, live, sig)?;
+        loop {
+            match run.wait()? {
+                Waited::Stopped(mut s, Stop::Exit) => {
+                    if !is_restart(s.regs()?.rax as i64) {
+                        // It completed before the signal came: make it
+                        // again as the restart would.
+                        s.rerun()?;
+                    }
+                    return Ok(s);
+                }
+                Waited::Stopped(s, Stop::Signal { sig: got, .. }) if got == sig => {
+                    // The signal is taken here; it is delivered (again)
+                    // at the logged point.
+                    run = s.syscall(0)?;
+                }
+                Waited::Stopped(s, _) => run = s.syscall(0)?,
+                other => {
+                    let d = describe(&other);
+                    return self.diverge(Kind::Stop, tid, "interrupted syscall", "its exit", d);
+                }
+            }
+        }
     }
 
     /// Make an executed call that answered EAGAIN again, letting the other

@@ -491,3 +491,65 @@ fn redis_server_session() {
         "replay must not touch the user's data directory"
     );
 }
+
+/// The syscall buffer's edges (tests/programs/bufedge.c): socket reads,
+/// writes and epoll through the buffer while another thread blocks traced,
+/// a 1 kHz signal landing inside buffered calls, direct syscall(2), more
+/// buffered calls than the buffer holds, vfork + exec. The replay must give
+/// the same digest, and the log must show the buffer was used (batches)
+/// and filled up (a batch of at least 10,000 calls, its capacity in calls).
+#[test]
+fn syscall_buffer_edges() {
+    use hotstandby_protocol::record::Event;
+    let b = bin();
+    let s = Scratch::new("bufedge");
+    let prog = build_c("bufedge", s.path());
+    let log = s.join("log");
+    let rec = record(&b, &log, s.path(), None, &[prog.to_str().unwrap()], None);
+    assert!(
+        rec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    let out = String::from_utf8_lossy(&rec.stdout).to_string();
+    assert!(
+        out.contains("monotonic-backwards=0") && out.contains("vfork-child=0"),
+        "{out}"
+    );
+    let rep = replay(&b, &log);
+    assert_eq!(
+        rep.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&rep.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&rep.stdout), out);
+    let l = hotstandby_recorder::logfile::load(&log).unwrap();
+    let sizes: Vec<usize> = l
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Batch { calls, .. } => Some(calls.len()),
+            _ => None,
+        })
+        .collect();
+    if std::env::var_os("HOTSTANDBY_BUFFER").is_some_and(|v| v == "0") {
+        assert!(sizes.is_empty(), "HOTSTANDBY_BUFFER=0 still buffered");
+        return;
+    }
+    assert!(sizes.len() > 10, "only {} batches", sizes.len());
+    assert!(
+        sizes.iter().any(|&n| n >= 10_000),
+        "no batch filled the buffer: largest {:?}",
+        sizes.iter().max()
+    );
+    let socket_calls = l
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Batch { calls, .. } => Some(calls.iter().filter(|c| c.fd >= 0).count()),
+            _ => None,
+        })
+        .sum::<usize>();
+    assert!(socket_calls > 100, "only {socket_calls} buffered fd calls");
+}

@@ -403,3 +403,58 @@ fn a_record_the_model_would_decide_otherwise_diverges() {
         "{e}"
     );
 }
+
+/// The negative control of the buffer's check: a buffered call in the log
+/// changed to another call (a clock read recorded as gettimeofday) stops
+/// replay where the program makes the real one, naming the buffered call.
+#[test]
+fn a_tampered_buffered_call_diverges() {
+    use hotstandby_protocol::record::Event;
+    if std::env::var_os("HOTSTANDBY_BUFFER").is_some_and(|v| v == "0") {
+        eprintln!("SKIPPED a_tampered_buffered_call_diverges: HOTSTANDBY_BUFFER=0 (no buffer)");
+        return;
+    }
+    let b = bin();
+    let s = Scratch::new("neg-batch");
+    let prog = build_c("clocks", s.path());
+    let log = s.join("log");
+    assert!(
+        record(&b, &log, s.path(), None, &[prog.to_str().unwrap()], None)
+            .status
+            .success()
+    );
+    assert_eq!(
+        replay(&b, &log).status.code(),
+        Some(0),
+        "unchanged: replays"
+    );
+    let mut done = false;
+    let changed = rewrite(
+        &log,
+        |_| {},
+        |e| match e {
+            Event::Batch { calls, .. } if !done => {
+                match calls
+                    .iter_mut()
+                    .find(|c| c.nr == libc::SYS_clock_gettime as u16)
+                {
+                    Some(c) => {
+                        c.nr = libc::SYS_gettimeofday as u16;
+                        done = true;
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => false,
+        },
+    );
+    assert!(changed, "clocks buffered no clock_gettime to tamper with");
+    let r = replay(&b, &log);
+    assert_eq!(r.status.code(), Some(3), "{}", stderr(&r));
+    let e = stderr(&r);
+    assert!(
+        e.contains("divergence") && e.contains("buffered call"),
+        "{e}"
+    );
+}
