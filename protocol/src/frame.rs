@@ -22,7 +22,7 @@ use crate::record::{ArchivedRecord, Record};
 /// First eight bytes of every log stream.
 pub const MAGIC: [u8; 8] = *b"HSBYLOG\0";
 /// Format version written by this build.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Length of the file header.
 pub const FILE_HEADER_LEN: usize = 16;
 /// Length of a frame header.
@@ -182,7 +182,11 @@ pub fn decode_payload(payload: &[u8]) -> Result<&ArchivedRecord, String> {
                 .to_string(),
         );
     }
-    rkyv::access::<ArchivedRecord, rancor::Error>(payload).map_err(|e| e.to_string())
+    let r = rkyv::access::<ArchivedRecord, rancor::Error>(payload).map_err(|e| e.to_string())?;
+    if let ArchivedRecord::Event(crate::record::ArchivedEvent::Batch { packed, .. }) = r {
+        crate::packed::check(packed).map_err(|e| format!("batch: {e}"))?;
+    }
+    Ok(r)
 }
 
 /// Iterates over the frames of a stream held in memory (a mapped file or

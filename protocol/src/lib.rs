@@ -8,6 +8,7 @@
 pub mod decide;
 pub mod frame;
 pub mod observe;
+pub mod packed;
 pub mod record;
 pub mod session;
 pub mod shadow;

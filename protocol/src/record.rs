@@ -124,8 +124,9 @@ pub struct TcpConn {
 }
 
 /// One syscall the program made through the in-process syscall buffer
-/// (no ptrace stop): what the outside world answered.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+/// (no ptrace stop): what the outside world answered. Stored packed
+/// (`crate::packed`), not archived.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BufCall {
     /// The call as the program made it (read, recvfrom, clock_gettime…).
     pub nr: u16,
@@ -185,11 +186,29 @@ pub enum Event {
     /// The TCP parameters of a connection just accepted.
     Tcp(TcpConn),
     /// Calls `tid` made through its syscall buffer since its last logged
-    /// event, in order; logged right before its next event.
-    Batch { tid: u32, calls: Vec<BufCall> },
+    /// event, in order, packed (`crate::packed`); logged right before its
+    /// next event. [`Event::batch`] makes one, [`Event::calls`] reads it.
+    Batch { tid: u32, packed: Vec<u8> },
 }
 
 impl Event {
+    /// A batch of buffered calls of `tid`.
+    pub fn batch(tid: u32, calls: &[BufCall]) -> Event {
+        Event::Batch {
+            tid,
+            packed: crate::packed::pack(calls),
+        }
+    }
+
+    /// The calls of a batch (empty for other events). A log that passed
+    /// frame validation holds only well-formed batches.
+    pub fn calls(&self) -> Result<Vec<BufCall>, crate::packed::PackError> {
+        match self {
+            Event::Batch { packed, .. } => crate::packed::unpack(packed),
+            _ => Ok(Vec::new()),
+        }
+    }
+
     /// The recorded thread id this event concerns.
     pub fn tid(&self) -> u32 {
         match self {

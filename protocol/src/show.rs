@@ -149,7 +149,11 @@ pub fn event_line(i: usize, e: &Event) -> String {
                 if *group { "exit_group" } else { "exit" }
             )
         }
-        Event::Batch { tid, calls } => {
+        Event::Batch { tid, packed } => {
+            let calls = match crate::packed::unpack(packed) {
+                Ok(c) => c,
+                Err(e) => return format!("#{i} [{tid}] buffered: corrupt batch: {e}"),
+            };
             let mut names: Vec<String> = calls
                 .iter()
                 .take(6)

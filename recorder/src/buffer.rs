@@ -84,10 +84,7 @@ impl Recorder {
                 notes.extend(self.shadow.apply(ns_tgid, ch));
             }
         }
-        self.log.event(Event::Batch {
-            tid: self.ns(t),
-            calls,
-        })?;
+        self.log.event(Event::batch(self.ns(t), &calls))?;
         self.net_notes(notes);
         Ok(())
     }

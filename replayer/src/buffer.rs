@@ -62,7 +62,8 @@ impl Engine<'_> {
             }
         };
         match next {
-            Some(Event::Batch { tid: t, calls }) if t == tid => {
+            Some(e @ Event::Batch { tid: t, .. }) if t == tid => {
+                let calls = e.calls()?;
                 let raw: Vec<Call> = calls.iter().map(to_call).collect();
                 buf.fill(live, &raw)?;
                 self.filled.insert(tid, Filled { idx: j, calls });

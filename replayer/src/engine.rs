@@ -44,6 +44,9 @@ pub enum ReplayError {
     /// The log could not be read (a corrupt frame met during replay).
     #[error(transparent)]
     Log(#[from] LogError),
+    /// A batch of buffered calls in the log does not decode.
+    #[error("corrupt batch of buffered calls in the log: {0}")]
+    Batch(#[from] hotstandby_protocol::packed::PackError),
     /// A thread's syscall buffer could not be read or written.
     #[error("syscall buffer: {0}")]
     Buffer(String),

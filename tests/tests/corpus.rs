@@ -529,7 +529,7 @@ fn syscall_buffer_edges() {
         .events
         .iter()
         .filter_map(|e| match e {
-            Event::Batch { calls, .. } => Some(calls.len()),
+            Event::Batch { .. } => Some(e.calls().expect("a valid batch").len()),
             _ => None,
         })
         .collect();
@@ -547,7 +547,13 @@ fn syscall_buffer_edges() {
         .events
         .iter()
         .filter_map(|e| match e {
-            Event::Batch { calls, .. } => Some(calls.iter().filter(|c| c.fd >= 0).count()),
+            Event::Batch { .. } => Some(
+                e.calls()
+                    .expect("a valid batch")
+                    .iter()
+                    .filter(|c| c.fd >= 0)
+                    .count(),
+            ),
             _ => None,
         })
         .sum::<usize>();

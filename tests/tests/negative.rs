@@ -433,7 +433,9 @@ fn a_tampered_buffered_call_diverges() {
         &log,
         |_| {},
         |e| match e {
-            Event::Batch { calls, .. } if !done => {
+            Event::Batch { tid, .. } if !done => {
+                let tid = *tid;
+                let mut calls = e.calls().expect("a valid batch");
                 match calls
                     .iter_mut()
                     .find(|c| c.nr == libc::SYS_clock_gettime as u16)
@@ -441,6 +443,7 @@ fn a_tampered_buffered_call_diverges() {
                     Some(c) => {
                         c.nr = libc::SYS_gettimeofday as u16;
                         done = true;
+                        *e = Event::batch(tid, &calls);
                         true
                     }
                     None => false,

@@ -141,7 +141,12 @@ fn incrs_logged(log: &Path) -> usize {
     l.events
         .iter()
         .map(|e| match e {
-            Event::Batch { calls, .. } => calls.iter().filter(|c| has(&c.data)).count(),
+            Event::Batch { .. } => e
+                .calls()
+                .expect("a valid batch")
+                .iter()
+                .filter(|c| has(&c.data))
+                .count(),
             Event::Syscall(s) => s.writes.iter().filter(|w| has(&w.data)).count(),
             _ => 0,
         })

@@ -118,6 +118,8 @@ fn stats(dir: &Path) -> Result<u8, LogError> {
     let mut modes: BTreeMap<&str, u64> = BTreeMap::new();
     let mut threads = BTreeSet::new();
     let mut data = 0u64;
+    let mut buffered: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut packed_bytes = 0u64;
     let (identity, summary) = logfile::scan(dir, |_, e| {
         *kinds.entry(e.kind()).or_default() += 1;
         threads.insert(e.tid());
@@ -131,6 +133,14 @@ fn stats(dir: &Path) -> Result<u8, LogError> {
             ent.0 += 1;
             ent.1 += b;
             *modes.entry(mode_tag(s.mode)).or_default() += 1;
+        }
+        if let Event::Batch { packed, .. } = e {
+            packed_bytes += packed.len() as u64;
+            for c in e.calls().unwrap_or_default() {
+                let ent = buffered.entry(sysmodel::name(c.nr as u32)).or_default();
+                ent.0 += 1;
+                ent.1 += c.data.len() as u64;
+            }
         }
     })?;
     let argv: Vec<String> = identity
@@ -168,6 +178,20 @@ fn stats(dir: &Path) -> Result<u8, LogError> {
     v.sort_by_key(|e| std::cmp::Reverse(e.1 .0));
     for (name, (n, b)) in v {
         out!("  {name:<20} {n:>8} {b:>10}");
+    }
+    if !buffered.is_empty() {
+        let n: u64 = buffered.values().map(|v| v.0).sum();
+        out!(
+            "buffered calls: {n} in {} packed bytes ({:.1} per call)",
+            packed_bytes,
+            packed_bytes as f64 / n.max(1) as f64
+        );
+        out!("buffered calls (count, recorded bytes):");
+        let mut v: Vec<_> = buffered.into_iter().collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1 .0));
+        for (name, (n, b)) in v {
+            out!("  {name:<20} {n:>8} {b:>10}");
+        }
     }
     Ok(0)
 }

@@ -64,6 +64,17 @@ enum Cmd {
         #[arg(long, default_value_t = 6379)]
         port: u16,
     },
+    /// Benchmarks only (benches/speed.sh): send TCP from VIP through the
+    /// output queue and accept every packet at once, to measure what the
+    /// queue itself costs apart from waiting for the standby. Protects
+    /// nothing. Runs until killed.
+    #[command(hide = true)]
+    QueueAcceptAll {
+        #[arg(long)]
+        vip: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 7311)]
+        queue_num: u16,
+    },
     /// Write a node key (owner-only) and a self-signed certificate into DIR,
     /// for the mutual, pinned TLS between primary and standby.
     Keygen {
@@ -266,6 +277,22 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Log { cmd } => logcmd::run(cmd),
         Cmd::Demo => demo::run(),
         Cmd::DemoServer { port } => demo::server(port),
+        Cmd::QueueAcceptAll { vip, queue_num } => {
+            let mut q = hotstandby_netguard::nfqueue::Queue::open(queue_num)?;
+            let _rule = hotstandby_netguard::rules::OutputRule::install(vip, queue_num)?;
+            eprintln!("hotstandby: accepting every packet from {vip} on queue {queue_num}");
+            let (mut got, mut v) = (Vec::new(), Vec::new());
+            loop {
+                q.wait(1000)?;
+                got.clear();
+                q.recv(&mut got)?;
+                v.clear();
+                v.extend(got.iter().map(|p| (p.id, true)));
+                if !v.is_empty() {
+                    q.verdicts(&v)?;
+                }
+            }
+        }
         Cmd::Run {
             listen,
             node: n,

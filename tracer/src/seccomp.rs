@@ -39,11 +39,15 @@ pub fn build_filter() -> Result<Vec<libc::sock_filter>, SeccompError> {
     // First: a syscall made from the syscall buffer's untraced instruction
     // (its full 64-bit address, after the instruction) is allowed.
     let ip = crate::buffer::UNTRACED_IP;
+    /// EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE (linux/audit.h).
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
     let ld = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     let jeq = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     let ret = (libc::BPF_RET | libc::BPF_K) as u16;
     let ins = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     let mut out = vec![
+        ins(ld, 0, 0, 4), // arch: only the x86_64 syscall instruction
+        ins(jeq, 0, 5, AUDIT_ARCH_X86_64),
         ins(ld, 0, 0, 8), // instruction_pointer, low word
         ins(jeq, 0, 3, ip as u32),
         ins(ld, 0, 0, 12), // high word

@@ -55,30 +55,61 @@ const FORMER: &str = "former";
 /// How often the status file is rewritten.
 const STATUS_EVERY: Duration = Duration::from_millis(100);
 
-/// How old the oldest byte not yet past a mark is: lag in milliseconds.
+/// How old the oldest byte not yet past a mark is: lag in milliseconds; and
+/// how long the bytes that passed it recently waited (the standby's
+/// acknowledgement latency, on the primary).
 #[derive(Debug, Default)]
-struct LagClock(std::collections::VecDeque<(u64, Instant)>);
+struct LagClock {
+    grown: std::collections::VecDeque<(u64, Instant)>,
+    /// Microseconds each recent log growth waited for the mark.
+    waited: std::collections::VecDeque<u32>,
+}
 
 impl LagClock {
     /// The log grew to `end` bytes at `now`.
     fn grew(&mut self, end: u64, now: Instant) {
-        if self.0.back().map(|(e, _)| end > *e).unwrap_or(true) {
-            self.0.push_back((end, now));
-            if self.0.len() > 100_000 {
-                self.0.pop_front();
+        if self.grown.back().map(|(e, _)| end > *e).unwrap_or(true) {
+            self.grown.push_back((end, now));
+            if self.grown.len() > 100_000 {
+                self.grown.pop_front();
+            }
+        }
+    }
+
+    /// The mark moved to `mark` at `now`.
+    fn passed(&mut self, mark: u64, now: Instant) {
+        while let Some(&(e, t)) = self.grown.front() {
+            if e > mark {
+                break;
+            }
+            self.grown.pop_front();
+            let us = now.saturating_duration_since(t).as_micros();
+            self.waited.push_back(us.min(u32::MAX as u128) as u32);
+            if self.waited.len() > 10_000 {
+                self.waited.pop_front();
             }
         }
     }
 
     /// Milliseconds since the oldest byte beyond `mark` arrived.
     fn ms(&mut self, mark: u64, now: Instant) -> u128 {
-        while self.0.front().map(|(e, _)| *e <= mark).unwrap_or(false) {
-            self.0.pop_front();
-        }
-        self.0
+        self.passed(mark, now);
+        self.grown
             .front()
             .map(|(_, t)| now.saturating_duration_since(*t).as_millis())
             .unwrap_or(0)
+    }
+
+    /// p50 and p99 of the recent waits, in microseconds.
+    fn recent(&self) -> (u32, u32) {
+        let mut v: Vec<u32> = self.waited.iter().copied().collect();
+        v.sort_unstable();
+        let q = |f: f64| {
+            v.get(((v.len().max(1) - 1) as f64 * f) as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        (q(0.5), q(0.99))
     }
 }
 

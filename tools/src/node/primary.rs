@@ -83,7 +83,7 @@ pub(super) async fn serve(
                     "unprotected",
                     None,
                     &throttle,
-                    0,
+                    (0, (0, 0)),
                     net.as_ref().map(|(_, g)| g),
                 );
                 status.write(text, now);
@@ -171,7 +171,7 @@ fn primary_status(
     conn: &str,
     peer: Option<SocketAddr>,
     t: &Throttle,
-    lag_ms: u128,
+    (lag_ms, (ack50, ack99)): (u128, (u32, u32)),
     gate: Option<&Arc<Gate>>,
 ) -> String {
     let st = s.status(Instant::now());
@@ -192,7 +192,7 @@ fn primary_status(
         PrimaryState::Unprotected => "UNPROTECTED",
     };
     format!(
-        "role:        primary (epoch {})\nstate:       {} ({})\nprotection:  {protection}\nprogram:     running under the recorder\npeer:        {}\nlag:         {} bytes not yet acknowledged (oldest {lag_ms} ms)\nlast heard:  {}\nthrottled:   {} ms in total\nlog:         {} bytes\n",
+        "role:        primary (epoch {})\nstate:       {} ({})\nprotection:  {protection}\nprogram:     running under the recorder\npeer:        {}\nlag:         {} bytes not yet acknowledged (oldest {lag_ms} ms)\nacked after: recent p50 {ack50} us, p99 {ack99} us\nlast heard:  {}\nthrottled:   {} ms in total\nlog:         {} bytes\n",
         st.epoch,
         st.state,
         conn,
@@ -285,6 +285,7 @@ async fn serve_one(
             return Ok(Served::StandbyGone);
         }
         throttle.acked.store(session.acked(), Relaxed);
+        clock.passed(session.acked(), now);
         if let Some(g) = gate {
             g.acked(session.acked());
             let p = session.state() == PrimaryState::Protected;
@@ -304,8 +305,8 @@ async fn serve_one(
             }
         }
         if status.due(now) {
-            let lag_ms = clock.ms(session.acked(), now);
-            let text = primary_status(session, "connected", Some(peer), throttle, lag_ms, gate);
+            let lag = (clock.ms(session.acked(), now), clock.recent());
+            let text = primary_status(session, "connected", Some(peer), throttle, lag, gate);
             status.write(text, now);
         }
     }
