@@ -332,10 +332,22 @@ mod tests {
     #[test]
     fn a_redis_request_packs_small_and_back() {
         let calls = vec![
-            call(libc::SYS_gettimeofday, -1, 0, 0, &tv(1_790_000_000, 123_456)),
+            call(
+                libc::SYS_gettimeofday,
+                -1,
+                0,
+                0,
+                &tv(1_790_000_000, 123_456),
+            ),
             call(libc::SYS_read, 7, 40, 0, &[b'x'; 40]),
             call(libc::SYS_write, 7, 5, 0xdead_beef_0102_0304, &[]),
-            call(libc::SYS_gettimeofday, -1, 0, 0, &tv(1_790_000_000, 123_470)),
+            call(
+                libc::SYS_gettimeofday,
+                -1,
+                0,
+                0,
+                &tv(1_790_000_000, 123_470),
+            ),
             call(libc::SYS_gettimeofday, -1, 0, 0, &tv(1_790_000_001, 2)),
             call(libc::SYS_read, 8, -11, 0, &[]),
             BufCall {
@@ -349,17 +361,37 @@ mod tests {
         // The second gettimeofday: head + nr (2) + ret 0 + 2 small deltas.
         let one = pack(&calls[..3]).len();
         let two = pack(&calls[..4]).len();
-        assert!(two - one <= 6, "a near clock read packs in {} bytes", two - one);
+        assert!(
+            two - one <= 6,
+            "a near clock read packs in {} bytes",
+            two - one
+        );
         // A redis request (2 clock reads, a 40-byte read, a write) in well
         // under the 150-byte target.
-        assert!(pack(&calls[..4]).len() < 40 + 40, "{}", pack(&calls[..4]).len());
+        assert!(
+            pack(&calls[..4]).len() < 40 + 40,
+            "{}",
+            pack(&calls[..4]).len()
+        );
     }
 
     #[test]
     fn extreme_values_round_trip() {
         let calls = vec![
-            call(libc::SYS_clock_gettime, i32::MIN, i64::MIN, u64::MAX, &tv(i64::MAX, i64::MIN)),
-            call(libc::SYS_clock_gettime, i32::MAX, i64::MAX, 1, &tv(i64::MIN, i64::MAX)),
+            call(
+                libc::SYS_clock_gettime,
+                i32::MIN,
+                i64::MIN,
+                u64::MAX,
+                &tv(i64::MAX, i64::MIN),
+            ),
+            call(
+                libc::SYS_clock_gettime,
+                i32::MAX,
+                i64::MAX,
+                1,
+                &tv(i64::MIN, i64::MAX),
+            ),
             call(libc::SYS_gettimeofday, -1, 0, 0, &[1, 2, 3]),
             call(0xffff, 0, 0, 0, &[]),
         ];
@@ -383,7 +415,10 @@ mod tests {
         }
         assert!(matches!(unpack(&[0x80]), Err(PackError::Malformed { .. })));
         assert!(matches!(unpack(&[0x00]), Err(PackError::Malformed { .. })));
-        assert!(matches!(unpack(&[NR, 0xff, 0xff, 0x7f]), Err(PackError::Malformed { .. })));
+        assert!(matches!(
+            unpack(&[NR, 0xff, 0xff, 0x7f]),
+            Err(PackError::Malformed { .. })
+        ));
         assert!(matches!(
             unpack(&[NR | DATA, 0, 0xff, 0xff, 0xff, 0x7f]),
             Err(PackError::Malformed { .. })
