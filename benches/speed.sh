@@ -38,10 +38,10 @@ protected() { "$H" status --log "$W/lp" | grep -q "protection:  PROTECTED"; }
 node() { # role ns extra...
     local role=$1 ns=$2; shift 2
     if [ "$role" = run ]; then
-        ip netns exec "$ns" "$H" run --listen 198.51.100.1:7600 --log "$W/lp" --cert "$W/kp/node.crt" \
+        exec ip netns exec "$ns" "$H" run --listen 198.51.100.1:7600 --log "$W/lp" --cert "$W/kp/node.crt" \
             --key "$W/kp/node.key" --peer-cert "$W/ks/node.crt" "$@"
     else
-        ip netns exec "$ns" "$H" standby --primary 198.51.100.1:7600 --listen 198.51.100.2:7600 \
+        exec ip netns exec "$ns" "$H" standby --primary 198.51.100.1:7600 --listen 198.51.100.2:7600 \
             --log "$W/ls" --cert "$W/ks/node.crt" --key "$W/ks/node.key" --peer-cert "$W/kp/node.crt" "$@"
     fi
 }

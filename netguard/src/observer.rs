@@ -24,6 +24,10 @@ impl Observer {
 }
 
 impl NetObserver for Observer {
+    fn holds_output(&self) -> bool {
+        self.gate.is_some()
+    }
+
     fn capture(&self, sock: BorrowedFd<'_>, tid: u32, fd: i32) -> Result<Option<TcpConn>, String> {
         if !tcp::is_tcp(sock) {
             return Ok(None);

@@ -28,4 +28,12 @@ pub trait NetObserver: Send + Sync + std::fmt::Debug {
     fn adopt(&self, conn: &TcpConn, written: u64, read: u64);
     /// A listening port carried over a takeover.
     fn listening_port(&self, port: u16);
+    /// Whether the program's output waits for the log to reach the standby
+    /// (an output rule). Then a thread that wrote to a socket through its
+    /// syscall buffer logs the batch at its next `epoll_wait` instead of
+    /// when it next blocks, so the held reply is not kept waiting on the
+    /// program's next idle moment.
+    fn holds_output(&self) -> bool {
+        false
+    }
 }

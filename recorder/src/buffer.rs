@@ -101,6 +101,9 @@ impl Recorder {
             return Ok(-(libc::ENOSYS as i64));
         }
         let b = Buffer::register(t, args[0], buffer::MODE_RECORD)?;
+        if self.net.as_ref().is_some_and(|n| n.holds_output()) {
+            b.set_eager(t, true)?;
+        }
         self.th(t).buf = Some(b);
         let (tgid, ns_tgid) = (self.th(t).tgid, self.th(t).ns_tgid);
         self.fdtabs.insert(ns_tgid, args[2]);

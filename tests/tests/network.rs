@@ -421,6 +421,12 @@ fn nginx_failover(tag: &str, lan: &str, workers: u32, mb: usize) {
                 "2",
                 "-d",
                 "8s",
+                // A wrk "timeout" is a reply slower than this, not a broken
+                // connection; the failover pause (heartbeat loss, then the
+                // takeover) can pass wrk's default of 2 s when the whole
+                // suite shares the two CPUs.
+                "--timeout",
+                "10s",
                 &format!("{url}index.html"),
             ])
             .stdout(Stdio::piped())

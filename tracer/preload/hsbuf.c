@@ -71,7 +71,9 @@ struct hs_hdr {
     uint64_t outbox;   /* replay: bytes written to connections, for their tails */
     uint64_t outbox_len;
     uint64_t outbox_cap;
-    uint64_t reserved[4];
+    uint32_t eager;    /* record: log a batch that wrote to a socket at the next epoll wait */
+    uint32_t wrote;    /* record: a socket write since the last batch was taken */
+    uint64_t reserved[3];
 };
 #define HS_HDR_SIZE 96u
 
@@ -453,6 +455,7 @@ static long hs_sock_write(long nr, int fd, const struct iovec *iov, int cnt, lon
                 left -= take;
             }
             r->hash = hv;
+            h->wrote = 1;
         }
         hs_commit(h, r);
     } else {
@@ -532,6 +535,11 @@ static long hs_epoll(long nr, int epfd, struct epoll_event *ev, int max, int tim
     if (!h)
         return hs_traced(nr, epfd, (long)ev, max, timeout, a5, a6);
     long ret;
+    if (h->mode == MODE_RECORD && h->eager && h->wrote) {
+        /* Replies wait in the output rule for this batch: log it now. */
+        hs_leave(h);
+        return hs_traced(nr, epfd, (long)ev, max, timeout, a5, a6);
+    }
     if (h->mode == MODE_RECORD) {
         size_t cap = (size_t)max * sizeof *ev;
         struct hs_rec *r = hs_reserve(h, nr, epfd, cap);

@@ -50,6 +50,8 @@ mod off {
     pub const GO_LIVE: u64 = 32;
     pub const OUTBOX: u64 = 40;
     pub const OUTBOX_LEN: u64 = 48;
+    pub const EAGER: u64 = 64;
+    pub const WROTE: u64 = 68;
 }
 
 /// Errors of the buffer.
@@ -183,9 +185,16 @@ impl Buffer {
     }
 
     fn reset(&self, tid: Tid) -> Result<(), SysError> {
-        sys::write_mem(tid, self.addr + off::LEN, &[0u8; 20])?;
-        put_u32(tid, self.addr + off::FORCE, 0)?;
-        put_u32(tid, self.addr + off::FAULT, 0)
+        // len, pos, count, locked, force, fault: one write.
+        sys::write_mem(tid, self.addr + off::LEN, &[0u8; 24])?;
+        put_u32(tid, self.addr + off::WROTE, 0)
+    }
+
+    /// Record: log a batch that wrote to a socket at the thread's next
+    /// epoll wait (the output rule holds replies until their log is on the
+    /// standby).
+    pub fn set_eager(&self, tid: Tid, on: bool) -> Result<(), SysError> {
+        put_u32(tid, self.addr + off::EAGER, on as u32)
     }
 
     /// Record: take the calls appended since the last take. A buffer still
