@@ -270,17 +270,38 @@ pub fn log_id(dir: &Path) -> Option<[u8; 32]> {
 
 /// Map a log stream file. The one place logs are memory-mapped.
 fn map_log(f: &File, path: &Path) -> Result<Mmap, LogError> {
+    map_log_window(f, path, None)
+}
+
+/// Map `len` bytes of a log stream file (the whole file when `None`). A
+/// window longer than the file is allowed; its pages past the end of the
+/// file must not be read until the file has grown over them.
+fn map_log_window(f: &File, path: &Path, len: Option<usize>) -> Result<Mmap, LogError> {
+    let mut o = memmap2::MmapOptions::new();
+    if let Some(len) = len {
+        o.len(len);
+    }
     // A log file is only ever appended to (never truncated or rewritten in
     // place, except by `LogWriter::resume`, which runs when no reader of
     // that file is alive), so the mapped prefix stays valid; every frame is
-    // checksummed and validated before use.
-    // SAFETY: see above: the mapped bytes do not change under the reader.
-    let map = unsafe { Mmap::map(f) };
+    // checksummed and validated before use. Readers of a window longer than
+    // the file only look at the bytes the file's length covered when they
+    // last looked (`EventCursor::refresh`).
+    // SAFETY: see above: the mapped bytes do not change under the reader,
+    // and no byte past the end of the file is read.
+    let map = unsafe { o.map(f) };
     map.map_err(|source| LogError::Io {
         path: path.to_path_buf(),
         source,
     })
 }
+
+/// Virtual size of a live cursor's first window onto a growing log. A
+/// remap (munmap of the old window) flushes the TLB of every CPU the
+/// process runs on, which a standby following a busy primary paid a few
+/// thousand times a second; one window, doubled when outgrown, makes that
+/// rare. Only address space: pages are read in as the file covers them.
+const LIVE_WINDOW: usize = 1 << 30;
 
 /// Nanoseconds since the Unix epoch.
 pub fn now_unix_ns() -> u64 {
@@ -423,6 +444,8 @@ pub struct EventCursor {
     path: PathBuf,
     file: File,
     map: Option<Mmap>,
+    /// Bytes of `map` the file covered at the last refresh.
+    len: usize,
     live: bool,
     pos: usize,
     next_seq: u64,
@@ -444,6 +467,7 @@ impl EventCursor {
             path,
             file,
             map: None,
+            len: 0,
             live,
             pos: 0,
             next_seq: 0,
@@ -482,7 +506,10 @@ impl EventCursor {
     }
 
     fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        match &self.map {
+            Some(m) => &m[..self.len],
+            None => &[],
+        }
     }
 
     fn corrupt(&self, source: FrameError) -> LogError {
@@ -502,10 +529,21 @@ impl EventCursor {
                 source,
             })?
             .len() as usize;
-        if len == self.bytes().len() {
+        if len == self.len {
             return Ok(false);
         }
-        self.map = Some(map_log(&self.file, &self.path)?);
+        let room = self.map.as_ref().map_or(0, |m| m.len());
+        if len > room || len < self.len {
+            let window = if self.live {
+                len.checked_next_power_of_two()
+                    .unwrap_or(len)
+                    .max(LIVE_WINDOW)
+            } else {
+                len
+            };
+            self.map = Some(map_log_window(&self.file, &self.path, Some(window))?);
+        }
+        self.len = len;
         Ok(true)
     }
 
