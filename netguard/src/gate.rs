@@ -199,9 +199,20 @@ fn needs(s: &State, t: &Tcp) -> Option<u64> {
 /// Shared between the recorder (what the program did, at which log
 /// offset), the replication driver (what the standby acknowledged) and the
 /// queue thread.
+///
+/// Packets are released by whichever thread learns they may leave: the
+/// queue thread when they arrive, the replication driver when it hands in
+/// the acknowledgement that covers them (no wake-up of the queue thread
+/// between the two). Lock order: `queue`, then `st`.
 #[derive(Debug)]
 pub struct Gate {
     st: Mutex<State>,
+    /// The queue, once [`Gate::serve`] runs: receiving is the queue
+    /// thread's, verdicts anybody's (under this lock, so two threads'
+    /// verdicts never interleave and reorder a connection's packets).
+    queue: Mutex<Option<Queue>>,
+    /// A verdict the driver could not send; the queue thread reports it.
+    failed: Mutex<Option<NetError>>,
     wake: OwnedFd,
     want: AtomicBool,
     held_now: AtomicU64,
@@ -216,6 +227,8 @@ impl Gate {
         }
         Ok(Arc::new(Gate {
             st: Mutex::new(State::default()),
+            queue: Mutex::new(None),
+            failed: Mutex::new(None),
             // SAFETY: fd is a fresh descriptor owned by nobody else.
             wake: unsafe { OwnedFd::from_raw_fd(fd) },
             want: AtomicBool::new(false),
@@ -249,7 +262,9 @@ impl Gate {
         self.poke();
     }
 
-    /// The standby holds the log up to `offset`.
+    /// The standby holds the log up to `offset`. What that lets leave
+    /// leaves now, from this thread, unless the queue thread is at work
+    /// (then it is asked to look again).
     pub fn acked(&self, offset: u64) {
         {
             let mut s = self.lock();
@@ -262,7 +277,21 @@ impl Gate {
                 prune(&mut c.reads, offset);
             }
         }
-        self.poke();
+        if !self.want.load(Ordering::Acquire) {
+            return;
+        }
+        let mut q = match self.queue.try_lock() {
+            Ok(q) => q,
+            Err(_) => return self.poke(),
+        };
+        let Some(queue) = q.as_mut() else {
+            return self.poke();
+        };
+        if let Err(e) = self.release(queue, &mut Vec::new(), &mut Vec::new()) {
+            *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            drop(q);
+            self.poke();
+        }
     }
 
     pub fn listening(&self, port: u16) {
@@ -323,8 +352,8 @@ impl Gate {
                 c.reads.push_back((offset, c.read));
             }
         }
-        drop(s);
-        self.poke();
+        // No wake-up: protected, a packet this record lets leave still
+        // waits for its acknowledgement; unprotected, none waits.
     }
 
     /// The program closed `key` (None: every connection, at exit).
@@ -336,8 +365,7 @@ impl Gate {
                 c.closed_when = Some(Instant::now());
             }
         }
-        drop(s);
-        self.poke();
+        // No wake-up, as in `io`.
     }
 
     /// Packets held right now.
@@ -366,13 +394,15 @@ impl Gate {
     }
 
     /// Serve queue `q` until [`Gate::stop`].
-    pub fn serve(self: &Arc<Self>, mut q: Queue) -> Result<(), NetError> {
+    pub fn serve(self: &Arc<Self>, q: Queue) -> Result<(), NetError> {
+        let fd = q.raw_fd();
+        *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(q);
         let mut fresh = Vec::new();
         let mut verdicts = Vec::new();
         loop {
             let mut fds = [
                 libc::pollfd {
-                    fd: q.raw_fd(),
+                    fd,
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -395,62 +425,78 @@ impl Gate {
                     )
                 };
             }
-            fresh.clear();
-            q.recv(&mut fresh)?;
-            verdicts.clear();
-            let stop = {
-                let mut s = self.lock();
-                let now = Instant::now();
-                for p in fresh.drain(..) {
-                    let t = parse(&p);
-                    if let Some(t) = &t {
-                        if t.syn && t.has_ack && !s.conns.contains_key(&t.key) {
-                            s.handshakes.insert(t.key, (t.ack, now));
-                        }
-                    }
-                    s.held.push_back((p, t, now));
-                }
-                if s.last_forget
-                    .is_none_or(|t| now.duration_since(t) > std::time::Duration::from_secs(1))
-                {
-                    s.forget(now);
-                }
-                let stop = s.stop;
-                let mut keep = VecDeque::with_capacity(s.held.len());
-                let held = std::mem::take(&mut s.held);
-                for (p, t, at) in held {
-                    let go = match (stop, &t) {
-                        (Some(r), _) => Some(r),
-                        _ if !s.protected => Some(true),
-                        (None, None) => Some(true),
-                        (None, Some(t)) => needs(&s, t).filter(|o| *o <= s.acked).map(|_| true),
-                    };
-                    match go {
-                        Some(a) => {
-                            verdicts.push((p.id, a));
-                            s.released += 1;
-                            if s.hold_us.len() >= 4096 {
-                                s.hold_us.pop_front();
-                            }
-                            s.hold_us.push_back(
-                                now.duration_since(at).as_micros().min(u32::MAX as u128) as u32,
-                            );
-                        }
-                        None => keep.push_back((p, t, at)),
-                    }
-                }
-                s.held = keep;
-                self.held_now.store(s.held.len() as u64, Ordering::Relaxed);
-                self.want.store(!s.held.is_empty(), Ordering::Release);
-                stop
-            };
-            if !verdicts.is_empty() {
-                q.verdicts(&verdicts)?;
+            if let Some(e) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return Err(e);
             }
-            if stop.is_some() {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let queue = q.as_mut().expect("the queue is set above");
+            fresh.clear();
+            queue.recv(&mut fresh)?;
+            if self.release(queue, &mut fresh, &mut verdicts)? {
                 return Ok(());
             }
         }
+    }
+
+    /// Hold `fresh` packets, then give the verdicts of every held packet
+    /// that may leave now. True once stopped.
+    fn release(
+        &self,
+        queue: &mut Queue,
+        fresh: &mut Vec<Packet>,
+        verdicts: &mut Vec<(u32, bool)>,
+    ) -> Result<bool, NetError> {
+        verdicts.clear();
+        let stop = {
+            let mut s = self.lock();
+            let now = Instant::now();
+            for p in fresh.drain(..) {
+                let t = parse(&p);
+                if let Some(t) = &t {
+                    if t.syn && t.has_ack && !s.conns.contains_key(&t.key) {
+                        s.handshakes.insert(t.key, (t.ack, now));
+                    }
+                }
+                s.held.push_back((p, t, now));
+            }
+            if s.last_forget
+                .is_none_or(|t| now.duration_since(t) > std::time::Duration::from_secs(1))
+            {
+                s.forget(now);
+            }
+            let stop = s.stop;
+            let mut keep = VecDeque::with_capacity(s.held.len());
+            let held = std::mem::take(&mut s.held);
+            for (p, t, at) in held {
+                let go = match (stop, &t) {
+                    (Some(r), _) => Some(r),
+                    _ if !s.protected => Some(true),
+                    (None, None) => Some(true),
+                    (None, Some(t)) => needs(&s, t).filter(|o| *o <= s.acked).map(|_| true),
+                };
+                match go {
+                    Some(a) => {
+                        verdicts.push((p.id, a));
+                        s.released += 1;
+                        if s.hold_us.len() >= 4096 {
+                            s.hold_us.pop_front();
+                        }
+                        s.hold_us.push_back(
+                            now.duration_since(at).as_micros().min(u32::MAX as u128) as u32,
+                        );
+                    }
+                    None => keep.push_back((p, t, at)),
+                }
+            }
+            s.held = keep;
+            self.held_now.store(s.held.len() as u64, Ordering::Relaxed);
+            self.want.store(!s.held.is_empty(), Ordering::Release);
+            stop
+        };
+        if !verdicts.is_empty() {
+            queue.verdicts(verdicts)?;
+        }
+        Ok(stop.is_some())
     }
 }
 
