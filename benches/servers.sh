@@ -53,9 +53,12 @@ wrk_rps() { wrk -t2 -c"$2" -d"${SECS}s" "$1" 2>/dev/null | awk '/Requests\/sec/ 
 declare -A R
 add() { R[$1]="${R[$1]:-} $2"; }
 
+# Server ports are drawn below the ephemeral range (32768-60999 by default),
+# where a client socket of an earlier round may still hold the number.
+
 # --- redis-server, redis-benchmark -c 50 SET/GET ---------------------------
 bench_redis() { # mode
-    local port=$((40000 + RANDOM % 2000))
+    local port=$((21000 + RANDOM % 2000))
     start "$1" "$W/redis-log" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$W"
     wait_tcp "$port"
     local out
@@ -70,7 +73,7 @@ bench_redis() { # mode
 mkdir -p "$W/ngx/html"
 echo "hello" > "$W/ngx/html/index.html"
 bench_nginx() {
-    local port=$((42000 + RANDOM % 2000))
+    local port=$((23000 + RANDOM % 2000))
     cat > "$W/ngx/nginx.conf" <<EOF
 worker_processes 2; master_process on; daemon off; error_log stderr crit; pid $W/ngx/nginx.pid;
 events { worker_connections 256; }
@@ -85,7 +88,7 @@ EOF
 
 # --- node.js HTTP server, wrk -c 8 -----------------------------------------
 bench_node() {
-    local port=$((44000 + RANDOM % 2000))
+    local port=$((25000 + RANDOM % 2000))
     echo "require('http').createServer((q, s) => s.end('hello\n')).listen($port, '127.0.0.1');" > "$W/srv.js"
     start "$1" "$W/node-log" node "$W/srv.js"
     wait_tcp "$port"
@@ -95,7 +98,7 @@ bench_node() {
 
 # --- memcached -t 4, memcslap ---------------------------------------------
 bench_memcached() {
-    local port=$((46000 + RANDOM % 2000))
+    local port=$((27000 + RANDOM % 2000))
     start "$1" "$W/mc-log" memcached -u root -t 4 -U 0 -l 127.0.0.1 -p "$port"
     wait_tcp "$port"
     local t0 t1

@@ -4,6 +4,8 @@
 # redis-benchmark -c 50 SET/GET from the client host, in interleaved rounds
 # of
 #   native     redis-server alone
+#   pinned     redis-server alone under taskset -c 1 (a reference: the
+#              recorder pins the program to the CPU of its supervisor)
 #   record     under `hotstandby record` (and then `hotstandby replay` of
 #              that log: replay rate = load time / replay time)
 #   run        under `hotstandby run`, a standby following on the second
@@ -67,6 +69,13 @@ for r in $(seq "$ROUNDS"); do
     wait_for 10 ip netns exec "$NC" redis-cli -h 198.51.100.1 -p 6390 ping
     read -r s g _ < <(bench 198.51.100.1); add native.set "$s"; add native.get "$g"
     shut 198.51.100.1
+    # native, pinned to one CPU: the recorder pins the program (and its
+    # supervisor) to one CPU, which by itself changes redis' speed here
+    reset
+    ip netns exec "$NP" taskset -c 1 "${REDIS[@]}" "$W/A" >/dev/null 2>&1 & PIDS="$PIDS $!"
+    wait_for 10 ip netns exec "$NC" redis-cli -h 198.51.100.1 -p 6390 ping
+    read -r s g _ < <(bench 198.51.100.1); add pinned.set "$s"; add pinned.get "$g"
+    shut 198.51.100.1
     # record, then replay of that log
     reset
     ip netns exec "$NP" "$H" record --log "$W/lr" -- "${REDIS[@]}" "$W/A" >/dev/null 2>"$W/r.err" & RP=$!; PIDS="$PIDS $RP"
@@ -125,6 +134,7 @@ echo "### redis-benchmark -c 50 -n $REQ SET/GET from the client host ($ROUNDS in
 echo
 echo "| configuration | native | protected | ratio |"
 echo "|---|---|---|---|"
+row "native, pinned to one CPU (reference)" pinned
 row "record" record
 row "run, standby following" run
 row "run --vip (output rule)" vip
