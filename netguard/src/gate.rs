@@ -393,10 +393,18 @@ impl Gate {
         self.poke();
     }
 
-    /// Serve queue `q` until [`Gate::stop`].
+    /// Serve queue `q` until [`Gate::stop`] (or an error). The queue is
+    /// closed on return: what arrives later has no reader and is dropped
+    /// by the kernel.
     pub fn serve(self: &Arc<Self>, q: Queue) -> Result<(), NetError> {
         let fd = q.raw_fd();
         *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(q);
+        let r = self.serve_queue(fd);
+        drop(self.queue.lock().unwrap_or_else(|e| e.into_inner()).take());
+        r
+    }
+
+    fn serve_queue(&self, fd: std::os::fd::RawFd) -> Result<(), NetError> {
         let mut fresh = Vec::new();
         let mut verdicts = Vec::new();
         loop {
@@ -429,7 +437,10 @@ impl Gate {
                 return Err(e);
             }
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            let queue = q.as_mut().expect("the queue is set above");
+            // Set by `serve` for as long as this runs.
+            let Some(queue) = q.as_mut() else {
+                return Ok(());
+            };
             fresh.clear();
             queue.recv(&mut fresh)?;
             if self.release(queue, &mut fresh, &mut verdicts)? {
