@@ -126,6 +126,10 @@ fn parse(p: &Packet) -> Option<Tcp> {
     })
 }
 
+/// Upper bounds of the hold-time histogram's buckets, µs.
+pub const HOLD_BUCKETS_US: [u64; 10] =
+    [50, 100, 200, 500, 1000, 2000, 5000, 10_000, 50_000, 250_000];
+
 #[derive(Debug, Default)]
 struct State {
     protected: bool,
@@ -141,6 +145,10 @@ struct State {
     released: u64,
     /// Recent hold times of released packets (µs), for the status line.
     hold_us: VecDeque<u32>,
+    /// Released packets by hold time, per bucket of [`HOLD_BUCKETS_US`]
+    /// (the last: longer), and the sum of all hold times (µs).
+    hold_hist: [u64; HOLD_BUCKETS_US.len() + 1],
+    hold_sum_us: u64,
     last_forget: Option<Instant>,
 }
 
@@ -386,6 +394,19 @@ impl Gate {
         (s.released, q(0.5), q(0.99))
     }
 
+    /// Released packets by hold time: cumulative (upper bound µs, count)
+    /// ending with (`u64::MAX`, all), and the sum of hold times in µs.
+    pub fn hold_histogram(&self) -> (Vec<(u64, u64)>, u64) {
+        let s = self.lock();
+        let mut acc = 0;
+        let mut out = Vec::with_capacity(HOLD_BUCKETS_US.len() + 1);
+        for (i, n) in s.hold_hist.iter().enumerate() {
+            acc += n;
+            out.push((HOLD_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX), acc));
+        }
+        (out, s.hold_sum_us)
+    }
+
     /// Stop the queue thread; held packets are released or dropped.
     pub fn stop(&self, release: bool) {
         self.lock().stop = Some(release);
@@ -492,9 +513,11 @@ impl Gate {
                         if s.hold_us.len() >= 4096 {
                             s.hold_us.pop_front();
                         }
-                        s.hold_us.push_back(
-                            now.duration_since(at).as_micros().min(u32::MAX as u128) as u32,
-                        );
+                        let us = now.duration_since(at).as_micros().min(u32::MAX as u128) as u32;
+                        s.hold_us.push_back(us);
+                        let b = HOLD_BUCKETS_US.partition_point(|&le| le < us as u64);
+                        s.hold_hist[b] += 1;
+                        s.hold_sum_us += us as u64;
                     }
                     None => keep.push_back((p, t, at)),
                 }

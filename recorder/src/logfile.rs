@@ -50,6 +50,8 @@ pub struct Throttle {
     pub max_unacked: u64,
     /// Total time spent waiting, in microseconds.
     pub waited_us: std::sync::atomic::AtomicU64,
+    /// Events written to the log file so far.
+    pub events: std::sync::atomic::AtomicU64,
     /// Called after each flush: new log bytes are in the file (the
     /// replication driver sends them at once instead of polling).
     pub on_flush: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
@@ -73,6 +75,7 @@ impl Throttle {
             active: false.into(),
             max_unacked,
             waited_us: 0.into(),
+            events: 0.into(),
             on_flush: std::sync::OnceLock::new(),
         }
     }
@@ -226,8 +229,12 @@ impl LogWriter {
             })?;
         self.written += self.buf.len() as u64;
         self.buf.clear();
-        if let Some(wake) = self.throttle.as_ref().and_then(|t| t.on_flush.get()) {
-            wake();
+        if let Some(t) = &self.throttle {
+            t.events
+                .store(self.events, std::sync::atomic::Ordering::Relaxed);
+            if let Some(wake) = t.on_flush.get() {
+                wake();
+            }
         }
         Ok(())
     }

@@ -85,10 +85,17 @@ impl Lab {
 
     /// A primary whose program counts to `n`.
     fn primary_n(&self, n: i64) -> Guard {
+        self.primary_with(n, &[])
+    }
+
+    /// A primary whose program counts to `n`, with `extra` options.
+    fn primary_with(&self, n: i64, extra: &[&str]) -> Guard {
         let c = self
             .hosts
             .cmd(&self.hosts.primary_ns, &self.b)
-            .args(["run", "--listen", "198.51.100.1:7600", "--log"])
+            .args(["run", "--listen", "198.51.100.1:7600"])
+            .args(extra)
+            .arg("--log")
             .arg(self.dir.join("lp"))
             .arg("--cert")
             .arg(self.dir.join("kp/node.crt"))
@@ -130,13 +137,27 @@ impl Lab {
         listen: &str,
         keys: [&str; 2],
     ) -> (Guard, PathBuf, PathBuf) {
+        self.standby_with(name, ns, primary, listen, keys, &[])
+    }
+
+    fn standby_with(
+        &self,
+        name: &str,
+        ns: &str,
+        primary: &str,
+        listen: &str,
+        keys: [&str; 2],
+        extra: &[&str],
+    ) -> (Guard, PathBuf, PathBuf) {
         let data = self.dir.join(format!("{name}-data"));
         std::fs::create_dir_all(&data).unwrap();
         let log = self.dir.join(format!("{name}-log"));
         let c = self
             .hosts
             .cmd(ns, &self.b)
-            .args(["standby", "--primary", primary, "--listen", listen, "--log"])
+            .args(["standby", "--primary", primary, "--listen", listen])
+            .args(extra)
+            .arg("--log")
             .arg(&log)
             .arg("--cert")
             .arg(self.dir.join(format!("{}/node.crt", keys[0])))
@@ -936,6 +957,139 @@ fn the_virtual_ip_moves_to_the_standby() {
     assert_eq!(so.status.code(), Some(0), "{err}");
     assert!(
         err.contains("took the virtual IP 198.51.100.10/24"),
+        "{err}"
+    );
+}
+
+/// `status --json` as a user's script would read it.
+fn status_json(lab: &Lab, log: &Path) -> serde_json::Value {
+    let o = Command::new(&lab.b)
+        .args(["status", "--json", "--log"])
+        .arg(log)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("status --json: {e}: {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+/// A Prometheus scrape of `addr` from host `ns`, as "name{labels}" → value.
+fn scrape(lab: &Lab, ns: &str, addr: &str) -> std::collections::HashMap<String, f64> {
+    let o = lab
+        .hosts
+        .cmd(ns, Path::new("curl"))
+        .args(["-sf", "--max-time", "5", &format!("http://{addr}/metrics")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("sample line {l:?}"));
+            (
+                k.to_string(),
+                v.parse::<f64>()
+                    .unwrap_or_else(|_| panic!("value in {l:?}")),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn status_json_and_metrics_follow_the_roles_through_a_failover() {
+    let lab = Lab::new("m");
+    let (pm, sm) = ("198.51.100.1:9464", "198.51.100.2:9464");
+    let mut p = lab.primary_with(100_000, &["--metrics", pm]);
+    let (_s, sfile, slog) = lab.standby_with(
+        "s1",
+        &lab.hosts.standby_ns,
+        "198.51.100.1:7600",
+        "198.51.100.2:7600",
+        ["ks", "kp"],
+        &["--metrics", sm],
+    );
+    following(&lab, &slog, &sfile);
+    let plog = lab.dir.join("lp");
+    wait_until("the primary's JSON to say protected", 10, || {
+        status_json(&lab, &plog)["primary"]["protection"] == "protected"
+    });
+    let j = status_json(&lab, &plog);
+    assert_eq!(j["role"], "primary", "{j}");
+    assert_eq!(j["epoch"], 1, "{j}");
+    assert_eq!(j["stale"], false, "{j}");
+    assert!(j["primary"]["events"].as_u64().unwrap() > 100, "{j}");
+    assert_eq!(
+        j["primary"]["output_rule"],
+        serde_json::Value::Null,
+        "no --vip: {j}"
+    );
+    let j = status_json(&lab, &slog);
+    assert_eq!(j["role"], "standby", "{j}");
+    assert_eq!(j["standby"]["replaying"], true, "{j}");
+    assert!(j["standby"]["replayed_events"].as_u64().unwrap() > 0, "{j}");
+
+    let m = scrape(&lab, &lab.hosts.primary_ns, pm);
+    assert_eq!(
+        m.get("hotstandby_role{role=\"primary\"}"),
+        Some(&1.0),
+        "{m:?}"
+    );
+    assert_eq!(m.get("hotstandby_protected"), Some(&1.0), "{m:?}");
+    assert_eq!(m.get("hotstandby_epoch"), Some(&1.0), "{m:?}");
+    assert!(m["hotstandby_events_recorded_total"] > 100.0, "{m:?}");
+    let m = scrape(&lab, &lab.hosts.standby_ns, sm);
+    assert_eq!(
+        m.get("hotstandby_role{role=\"standby\"}"),
+        Some(&1.0),
+        "{m:?}"
+    );
+    assert_eq!(m.get("hotstandby_failovers_total"), Some(&0.0), "{m:?}");
+    assert!(m["hotstandby_events_replayed_total"] > 0.0, "{m:?}");
+
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(p.pid(), libc::SIGKILL) };
+    p.wait(10);
+    wait_until(
+        "the standby's metrics to say primary of epoch 2",
+        20,
+        || {
+            let m = scrape(&lab, &lab.hosts.standby_ns, sm);
+            m.get("hotstandby_role{role=\"primary\"}") == Some(&1.0)
+                && m.get("hotstandby_epoch") == Some(&2.0)
+                && m.get("hotstandby_failovers_total") == Some(&1.0)
+        },
+    );
+    let j = status_json(&lab, &slog);
+    assert_eq!(j["role"], "primary", "{j}");
+    assert_eq!(j["failovers"], 1, "{j}");
+    assert_eq!(j["primary"]["protection"], "unprotected", "{j}");
+}
+
+#[test]
+fn a_metrics_address_in_use_is_refused_at_start() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let s = Scratch::new("metrics-busy");
+    let o = Command::new(bin())
+        .args([
+            "run",
+            "--metrics",
+            &addr,
+            "--listen",
+            "127.0.0.1:0",
+            "--log",
+        ])
+        .arg(s.join("log"))
+        .args(["--cert", "/nonexistent/c", "--key", "/nonexistent/k"])
+        .args(["--peer-cert", "/nonexistent/p", "--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("--metrics {addr}: cannot listen there")),
         "{err}"
     );
 }

@@ -120,6 +120,10 @@ enum Cmd {
     Status {
         #[arg(long)]
         log: PathBuf,
+        /// The node's report as one JSON object (with `status_age_ms` and
+        /// `stale`), for scripts and monitoring.
+        #[arg(long)]
+        json: bool,
     },
     /// Inspect a log.
     Log {
@@ -163,6 +167,10 @@ struct NodeArgs {
     /// NFQUEUE number used by the output rule (with --vip).
     #[arg(long, default_value_t = 7311)]
     queue_num: u16,
+    /// Serve Prometheus metrics at http://ADDR/metrics (role, epoch, lag,
+    /// events, output rule, failovers). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl NodeArgs {
@@ -200,6 +208,10 @@ impl NodeArgs {
                 self.timeout_ms,
                 self.heartbeat_ms
             );
+        }
+        if let Some(addr) = self.metrics {
+            let at = node::report::serve_metrics(addr)?;
+            eprintln!("hotstandby: metrics at http://{at}/metrics");
         }
         let cfg = hotstandby_protocol::session::Config {
             heartbeat: std::time::Duration::from_millis(self.heartbeat_ms),
@@ -311,7 +323,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let (log, tls, cfg, vip) = n.split()?;
             node::standby(primary, log, tls, cfg, data_dir, listen, vip)
         }
-        Cmd::Status { log } => node::status(&log),
+        Cmd::Status { log, json } => node::status(&log, json),
         Cmd::Keygen { out, name } => {
             let (cert, key) = hotstandby_transport::keygen(&out, &name)?;
             println!("key:         {} (keep it secret; mode 0600)", key.display());

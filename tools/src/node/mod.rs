@@ -15,6 +15,7 @@
 //! - here: what both roles share (keys, status file, epoch file, lag).
 
 pub mod primary;
+pub mod report;
 pub mod standby;
 pub mod vip;
 
@@ -50,6 +51,8 @@ impl Tls {
 }
 
 const STATUS: &str = "status";
+/// The same status as JSON (`report::Report`).
+const STATUS_JSON: &str = "status.json";
 const EPOCH: &str = "epoch";
 const FORMER: &str = "former";
 /// How often the status file is rewritten.
@@ -119,26 +122,23 @@ impl LagClock {
 /// exit), and the network loop must never wait that long.
 #[derive(Debug, Clone)]
 struct StatusFile {
-    tx: mpsc::SyncSender<String>,
+    tx: mpsc::SyncSender<report::Report>,
     next: Instant,
 }
 
 impl StatusFile {
     fn new(dir: &Path) -> Self {
-        let (tx, rx) = mpsc::sync_channel::<String>(4);
+        let (tx, rx) = mpsc::sync_channel::<report::Report>(4);
         let dir = dir.to_path_buf();
         std::thread::Builder::new()
             .name("status-file".into())
             .spawn(move || {
-                while let Ok(mut text) = rx.recv() {
+                while let Ok(mut r) = rx.recv() {
                     // Only the newest matters.
                     while let Ok(t) = rx.try_recv() {
-                        text = t;
+                        r = t;
                     }
-                    let tmp = dir.join(".status.tmp");
-                    if std::fs::write(&tmp, &text).is_ok() {
-                        let _ = std::fs::rename(&tmp, dir.join(STATUS));
-                    }
+                    Self::put(&dir, &r);
                 }
             })
             .expect("a thread for the status file");
@@ -158,16 +158,31 @@ impl StatusFile {
         self.next
     }
 
-    fn write(&mut self, text: String, now: Instant) {
-        let _ = self.tx.try_send(text);
+    fn write(&mut self, mut r: report::Report, now: Instant) {
+        r.failovers = report::FAILOVERS.load(std::sync::atomic::Ordering::Relaxed);
+        report::publish(&r);
+        let _ = self.tx.try_send(r);
         self.next = now + STATUS_EVERY;
     }
 
     /// Write now and wait until it is on disk (before the process exits).
-    fn write_now(dir: &Path, text: &str) {
-        let tmp = dir.join(".status.tmp");
-        if std::fs::write(&tmp, text).is_ok() {
-            let _ = std::fs::rename(&tmp, dir.join(STATUS));
+    fn write_now(dir: &Path, mut r: report::Report) {
+        r.failovers = report::FAILOVERS.load(std::sync::atomic::Ordering::Relaxed);
+        report::publish(&r);
+        Self::put(dir, &r);
+    }
+
+    /// The text and the JSON, each written whole and renamed into place.
+    fn put(dir: &Path, r: &report::Report) {
+        let put = |name: &str, body: &[u8]| {
+            let tmp = dir.join(format!(".{name}.tmp"));
+            if std::fs::write(&tmp, body).is_ok() {
+                let _ = std::fs::rename(&tmp, dir.join(name));
+            }
+        };
+        put(STATUS, r.text().as_bytes());
+        if let Ok(j) = serde_json::to_vec(r) {
+            put(STATUS_JSON, &j);
         }
     }
 }
@@ -207,9 +222,9 @@ fn save_former(dir: &Path, former: &[std::net::SocketAddr]) -> anyhow::Result<()
         .with_context(|| format!("saving the former primaries in {}", dir.display()))
 }
 
-/// `hotstandby status --log DIR`.
-pub fn status(dir: &Path) -> anyhow::Result<u8> {
-    let p = dir.join(STATUS);
+/// `hotstandby status --log DIR [--json]`.
+pub fn status(dir: &Path, json: bool) -> anyhow::Result<u8> {
+    let p = dir.join(if json { STATUS_JSON } else { STATUS });
     let text = std::fs::read_to_string(&p).with_context(|| {
         format!(
             "no status in {} (is run/standby running there?)",
@@ -220,11 +235,23 @@ pub fn status(dir: &Path) -> anyhow::Result<u8> {
         .modified()?
         .elapsed()
         .unwrap_or_default();
+    let stale = age > Duration::from_secs(2);
+    if json {
+        // The node's report, with how old it is.
+        let mut v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a status report", p.display()))?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("status_age_ms".into(), (age.as_millis() as u64).into());
+            o.insert("stale".into(), stale.into());
+        }
+        println!("{v}");
+        return Ok(0);
+    }
     print!("{text}");
     println!(
         "status age:  {} ms{}",
         age.as_millis(),
-        if age > Duration::from_secs(2) {
+        if stale {
             " (stale: the node is not running)"
         } else {
             ""

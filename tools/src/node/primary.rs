@@ -16,6 +16,7 @@ use hotstandby_protocol::wire::Message;
 use hotstandby_recorder::logfile::{self, Throttle, STREAM};
 use hotstandby_transport::{self as transport, Connection, Endpoint, MsgStream};
 
+use super::report::{self, Protection, Report};
 use super::vip::Vip;
 use super::{deadline, runtime, save_epoch, LagClock, StatusFile, Tls, EXIT_STEPPED_DOWN};
 
@@ -173,35 +174,47 @@ fn primary_status(
     t: &Throttle,
     (lag_ms, (ack50, ack99)): (u128, (u32, u32)),
     gate: Option<&Arc<Gate>>,
-) -> String {
+) -> Report {
     let st = s.status(Instant::now());
-    let rule = match gate {
-        Some(g) => {
-            let (released, p50, p99) = g.hold_stats();
-            format!(
-                "output rule: {} packets held now, {released} released; recent hold p50 {p50} us, p99 {p99} us\n",
-                g.held()
-            )
+    let output_rule = gate.map(|g| {
+        let (released, p50, p99) = g.hold_stats();
+        let (hold_buckets, hold_sum_us) = g.hold_histogram();
+        report::Rule {
+            held: g.held(),
+            released,
+            hold_p50_us: p50,
+            hold_p99_us: p99,
+            hold_buckets,
+            hold_sum_us,
         }
-        None => "output rule: off (no --vip)\n".into(),
-    };
+    });
     let protection = match s.state() {
-        PrimaryState::Protected => "PROTECTED",
-        PrimaryState::CatchingUp => "standby catching up (not yet protected)",
-        PrimaryState::SteppedDown => "stepped down",
-        PrimaryState::Unprotected => "UNPROTECTED",
+        PrimaryState::Protected => Protection::Protected,
+        PrimaryState::CatchingUp => Protection::CatchingUp,
+        PrimaryState::SteppedDown => Protection::SteppedDown,
+        PrimaryState::Unprotected => Protection::Unprotected,
     };
-    format!(
-        "role:        primary (epoch {})\nstate:       {} ({})\nprotection:  {protection}\nprogram:     running under the recorder\npeer:        {}\nlag:         {} bytes not yet acknowledged (oldest {lag_ms} ms)\nacked after: recent p50 {ack50} us, p99 {ack99} us\nlast heard:  {}\nthrottled:   {} ms in total\nlog:         {} bytes\n",
-        st.epoch,
-        st.state,
-        conn,
-        peer.map(|p| p.to_string()).unwrap_or_else(|| "none".into()),
-        st.lag_bytes,
-        st.last_heard.map(|d| format!("{} ms ago", d.as_millis())).unwrap_or_else(|| "never".into()),
-        t.waited_us.load(Relaxed) / 1000,
-        st.log_bytes,
-    ) + &rule
+    Report {
+        role: "primary".into(),
+        epoch: st.epoch,
+        state: st.state,
+        peer: peer.map(|p| p.to_string()),
+        log_bytes: st.log_bytes,
+        last_heard_ms: st.last_heard.map(|d| d.as_millis() as u64),
+        pid: std::process::id(),
+        primary: Some(report::PrimaryPart {
+            link: conn.into(),
+            protection: Some(protection),
+            unacked_bytes: st.lag_bytes,
+            unacked_ms: lag_ms as u64,
+            ack_p50_us: ack50,
+            ack_p99_us: ack99,
+            throttled_ms: t.waited_us.load(Relaxed) / 1000,
+            events: t.events.load(Relaxed),
+            output_rule,
+        }),
+        ..Report::default()
+    }
 }
 
 async fn send(
@@ -357,10 +370,7 @@ pub fn run(
             g.step_down();
         }
         eprintln!("hotstandby: A NEWER PRIMARY HAS TAKEN OVER: this primary steps down and stops its program");
-        StatusFile::write_now(
-            &log,
-            "role:        primary, STEPPED DOWN (a newer primary took over)\n",
-        );
+        StatusFile::write_now(&log, Report::stepped_down(super::read_epoch(&log)));
         if let Some(v) = &vip {
             v.del();
         }

@@ -17,6 +17,7 @@ use hotstandby_recorder::logfile::{self, EventCursor, LogWriter, Throttle, STREA
 use hotstandby_replayer::{LiveFeed, ReplayOptions};
 use hotstandby_transport::{self as transport, Endpoint, MsgStream};
 
+use super::report::{self, Report, StandbyPart};
 use super::vip::Vip;
 use super::{
     deadline, primary, read_epoch, read_former, runtime, save_epoch, save_former, valid_prefix,
@@ -96,6 +97,7 @@ pub fn standby(
     // The session took the next epoch when it declared the primary lost;
     // `serve` keeps it in the log directory.
     eprintln!("hotstandby: this node is the primary of epoch {epoch}");
+    report::FAILOVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let ep = {
         let _g = rt.enter();
         transport::server(listen, &keys, peer)?
@@ -416,16 +418,22 @@ async fn follow(
                     last_progress = now;
                 }
                 status.write(
-                    format!(
-                        "role:        standby (following epoch {})\nstate:       {}\npeer:        {primary}\nlog:         {} bytes held\nreplay lag:  {behind} bytes not yet replayed (oldest {} ms)\nprogram:     {}\nreplayed:    {} events\nlast heard:  {}\n",
-                        st.epoch,
-                        st.state,
-                        st.log_bytes,
-                        clock.ms(feed.position.load(Relaxed), now),
-                        if replayer.is_some() { "replaying in lockstep" } else { "not started (waiting for the log header)" },
-                        feed.replayed.load(Relaxed),
-                        st.last_heard.map(|d| format!("{} ms ago", d.as_millis())).unwrap_or_else(|| "never".into()),
-                    ),
+                    Report {
+                        role: "standby".into(),
+                        epoch: st.epoch,
+                        state: st.state,
+                        peer: Some(primary.to_string()),
+                        log_bytes: st.log_bytes,
+                        last_heard_ms: st.last_heard.map(|d| d.as_millis() as u64),
+                        pid: std::process::id(),
+                        standby: Some(StandbyPart {
+                            replay_lag_bytes: behind,
+                            replay_lag_ms: clock.ms(feed.position.load(Relaxed), now) as u64,
+                            replayed_events: feed.replayed.load(Relaxed),
+                            replaying: replayer.is_some(),
+                        }),
+                        ..Report::default()
+                    },
                     now,
                 );
             }
