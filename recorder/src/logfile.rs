@@ -112,8 +112,8 @@ impl LogWriter {
         }
         self.flush()?;
         if !self.warned {
-            eprintln!(
-                "hotstandby: the standby is more than {} bytes behind; slowing the program until it catches up",
+            tracing::warn!(
+                "the standby is more than {} bytes behind; slowing the program until it catches up",
                 t.max_unacked
             );
             self.warned = true;

@@ -176,7 +176,7 @@ impl Recorder {
     ) -> Result<(), RecordError> {
         if let Some(msg) = why {
             if self.warned.insert(nr as u64 | (errno as u64) << 32) {
-                eprintln!("hotstandby: {msg}");
+                tracing::warn!("{msg}");
             }
         }
         s.skip(-(errno as i64))?;

@@ -978,7 +978,7 @@ impl Engine<'_> {
                     nix::sys::signal::Signal::SIGKILL,
                 );
                 self.reap_all()?;
-                eprintln!("hotstandby: the log ends without a trailer (recording interrupted); replayed all {events} events");
+                tracing::info!("the log ends without a trailer (recording interrupted); replayed all {events} events");
                 Ok(ReplayOutcome {
                     events,
                     exit_status: -1,

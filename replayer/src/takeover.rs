@@ -237,7 +237,7 @@ impl Engine<'_> {
             match run.try_wait()? {
                 Err(still) => {
                     if std::time::Instant::now() > deadline {
-                        eprintln!("hotstandby: thread {tid} made no syscall within 2 s of the takeover; its last buffered writes may be missing from its connections' tails");
+                        tracing::warn!("thread {tid} made no syscall within 2 s of the takeover; its last buffered writes may be missing from its connections' tails");
                         self.filled.remove(&tid);
                         return self.set(tid, St::Running(still));
                     }

@@ -137,9 +137,10 @@ impl Lab {
         listen: &str,
         keys: [&str; 2],
     ) -> (Guard, PathBuf, PathBuf) {
-        self.standby_with(name, ns, primary, listen, keys, &[])
+        self.standby_with(name, ns, primary, listen, keys, &[], &[])
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn standby_with(
         &self,
         name: &str,
@@ -148,6 +149,7 @@ impl Lab {
         listen: &str,
         keys: [&str; 2],
         extra: &[&str],
+        env: &[(&str, &str)],
     ) -> (Guard, PathBuf, PathBuf) {
         let data = self.dir.join(format!("{name}-data"));
         std::fs::create_dir_all(&data).unwrap();
@@ -167,6 +169,7 @@ impl Lab {
             .arg(self.dir.join(format!("{}/node.crt", keys[1])))
             .arg("--data-dir")
             .arg(&data)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -1002,13 +1005,15 @@ fn status_json_and_metrics_follow_the_roles_through_a_failover() {
     let lab = Lab::new("m");
     let (pm, sm) = ("198.51.100.1:9464", "198.51.100.2:9464");
     let mut p = lab.primary_with(100_000, &["--metrics", pm]);
-    let (_s, sfile, slog) = lab.standby_with(
+    // The standby logs JSON lines (checked at the end).
+    let (mut s, sfile, slog) = lab.standby_with(
         "s1",
         &lab.hosts.standby_ns,
         "198.51.100.1:7600",
         "198.51.100.2:7600",
         ["ks", "kp"],
         &["--metrics", sm],
+        &[("HOTSTANDBY_LOG_FORMAT", "json")],
     );
     following(&lab, &slog, &sfile);
     let plog = lab.dir.join("lp");
@@ -1065,6 +1070,29 @@ fn status_json_and_metrics_follow_the_roles_through_a_failover() {
     assert_eq!(j["role"], "primary", "{j}");
     assert_eq!(j["failovers"], 1, "{j}");
     assert_eq!(j["primary"]["protection"], "unprotected", "{j}");
+
+    // Its log: one JSON object per line, the takeover among them.
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(s.pid(), libc::SIGTERM) };
+    let o = s.wait(20);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["timestamp"].is_string() && l["level"].is_string()),
+        "{err}"
+    );
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("GOING LIVE"))),
+        "{err}"
+    );
 }
 
 #[test]

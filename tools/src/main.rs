@@ -211,7 +211,7 @@ impl NodeArgs {
         }
         if let Some(addr) = self.metrics {
             let at = node::report::serve_metrics(addr)?;
-            eprintln!("hotstandby: metrics at http://{at}/metrics");
+            tracing::info!("metrics at http://{at}/metrics");
         }
         let cfg = hotstandby_protocol::session::Config {
             heartbeat: std::time::Duration::from_millis(self.heartbeat_ms),
@@ -232,14 +232,66 @@ impl NodeArgs {
     }
 }
 
+/// What the node says when neither `RUST_LOG` nor `HOTSTANDBY_LOG` is set:
+/// our own messages from `info` up, everybody else's warnings.
+const DEFAULT_LOG: &str = "warn,hotstandby=info,hotstandby_recorder=info,hotstandby_replayer=info,\
+hotstandby_netguard=info,hotstandby_tracer=info,hotstandby_transport=info,hotstandby_protocol=info";
+
+/// The log on stderr: `RUST_LOG` (or `HOTSTANDBY_LOG`) filters it;
+/// `HOTSTANDBY_LOG_FORMAT=json` makes it one JSON object per line
+/// (timestamp, level, target, message, fields) for a log collector, the
+/// default is a plain `hotstandby: message` per line.
+fn init_log() -> Result<(), String> {
+    let filter = ["RUST_LOG", "HOTSTANDBY_LOG"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok())
+        .unwrap_or_else(|| DEFAULT_LOG.into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .map_err(|e| format!("RUST_LOG/HOTSTANDBY_LOG {filter:?}: {e}"))?;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match std::env::var("HOTSTANDBY_LOG_FORMAT").as_deref() {
+        Ok("json") => b.json().flatten_event(true).init(),
+        Ok("text") | Err(_) => b.event_format(Plain).init(),
+        Ok(other) => {
+            return Err(format!(
+                "HOTSTANDBY_LOG_FORMAT must be json or text (got {other:?})"
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// `hotstandby: message field=value ...`, one line per event.
+struct Plain;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Plain
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut w: tracing_subscriber::fmt::format::Writer<'_>,
+        ev: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(w, "hotstandby: ")?;
+        if *ev.metadata().level() == tracing::Level::ERROR {
+            write!(w, "ERROR: ")?;
+        }
+        ctx.field_format().format_fields(w.by_ref(), ev)?;
+        writeln!(w)
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HOTSTANDBY_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = init_log() {
+        eprintln!("hotstandby: {e}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
@@ -278,7 +330,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 net: Some(hotstandby_netguard::observer::Observer::new(None)),
             })
             .with_context(|| format!("recording into {}", log.display()))?;
-            tracing::info!(events = out.events, bytes = out.bytes, "recorded");
+            tracing::info!(
+                "recorded {} events ({} bytes) into {}",
+                out.events,
+                out.bytes,
+                log.display()
+            );
             Ok(out.exit_status.clamp(0, 255) as u8)
         }
         Cmd::Replay {
@@ -292,7 +349,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::QueueAcceptAll { vip, queue_num } => {
             let mut q = hotstandby_netguard::nfqueue::Queue::open(queue_num)?;
             let _rule = hotstandby_netguard::rules::OutputRule::install(vip, queue_num)?;
-            eprintln!("hotstandby: accepting every packet from {vip} on queue {queue_num}");
+            tracing::info!("accepting every packet from {vip} on queue {queue_num}");
             let (mut got, mut v) = (Vec::new(), Vec::new());
             loop {
                 q.wait(1000)?;

@@ -67,8 +67,8 @@ pub(super) async fn serve(
         let f = flushed.clone();
         let _ = throttle.on_flush.set(Box::new(move || f.notify_one()));
     }
-    eprintln!(
-        "hotstandby: primary (epoch {epoch}) listening on {}; unprotected until a standby joins",
+    tracing::info!(
+        "primary (epoch {epoch}) listening on {}; unprotected until a standby joins",
         ep.local_addr()?
     );
     loop {
@@ -94,7 +94,7 @@ pub(super) async fn serve(
                     let Some(inc) = inc else { bail!("the QUIC endpoint closed") };
                     match inc.await {
                         Ok(c) => break c,
-                        Err(e) => eprintln!("hotstandby: refused a connection: {e}"),
+                        Err(e) => tracing::warn!("refused a connection: {e}"),
                     }
                 }
                 // Until the next status write; `finished` is checked then.
@@ -116,7 +116,7 @@ pub(super) async fn serve(
         let lost = match r {
             Ok(Served::StandbyGone) => {
                 throttle.active.store(false, Relaxed);
-                eprintln!("hotstandby: the standby is gone");
+                tracing::warn!("the standby is gone");
                 session.handle_disconnected();
                 conn.close(0u32.into(), b"standby lost");
                 true
@@ -132,7 +132,7 @@ pub(super) async fn serve(
             }
             Err(e) => {
                 throttle.active.store(false, Relaxed);
-                eprintln!("hotstandby: standby connection failed: {e:#}");
+                tracing::warn!("standby connection failed: {e:#}");
                 session.handle_disconnected();
                 true
             }
@@ -144,8 +144,8 @@ pub(super) async fn serve(
                 // host answers for the virtual IP, step down with nothing
                 // released; if none does within the window, serve alone.
                 let window = (cfg.timeout * 5).max(Duration::from_secs(2));
-                eprintln!(
-                    "hotstandby: holding client output while probing who holds {} (up to {} ms)",
+                tracing::warn!(
+                    "holding client output while probing who holds {} (up to {} ms)",
                     vip.cidr,
                     window.as_millis()
                 );
@@ -154,15 +154,15 @@ pub(super) async fn serve(
                     .await
                     .unwrap_or(false);
                 if elsewhere {
-                    eprintln!(
-                        "hotstandby: another host answers for {}: the standby took over",
+                    tracing::warn!(
+                        "another host answers for {}: the standby took over",
                         vip.cidr
                     );
                     return Ok(true);
                 }
                 gate.set_protected(false);
             }
-            eprintln!("hotstandby: serving UNPROTECTED until a standby joins again");
+            tracing::warn!("serving UNPROTECTED until a standby joins again");
         }
     }
 }
@@ -254,7 +254,7 @@ async fn serve_one(
     let mut stream = tokio::time::timeout(Duration::from_secs(2), MsgStream::accept(conn))
         .await
         .context("standby opened no stream")??;
-    eprintln!("hotstandby: standby {peer} connected");
+    tracing::info!("standby {peer} connected");
     throttle.active.store(true, Relaxed);
     let mut finished_at: Option<Instant> = None;
     let mut clock = LagClock::default();
@@ -270,11 +270,11 @@ async fn serve_one(
             m = stream.recv() => match m {
                 Ok(Some(msg)) => {
                     if let Message::Refuse { reason } = &msg {
-                        eprintln!("hotstandby: the standby refused: {reason}");
+                        tracing::warn!("the standby refused: {reason}");
                         return Ok(Served::StandbyGone);
                     }
                     if let Err(e) = session.handle_message(msg, Instant::now()) {
-                        eprintln!("hotstandby: refusing the standby: {e}");
+                        tracing::warn!("refusing the standby: {e}");
                         // The reason travels in the close frame (code 2).
                         conn.close(2u32.into(), e.to_string().as_bytes());
                         return Ok(Served::StandbyGone);
@@ -342,7 +342,7 @@ pub fn run(
     };
     if let Some(v) = &vip {
         v.add()?;
-        eprintln!("hotstandby: holding the virtual IP {} on {}", v.cidr, v.dev);
+        tracing::info!("holding the virtual IP {} on {}", v.cidr, v.dev);
     }
     let rt = runtime()?;
     let ep = {
@@ -369,7 +369,9 @@ pub fn run(
         if let Some(g) = guard {
             g.step_down();
         }
-        eprintln!("hotstandby: A NEWER PRIMARY HAS TAKEN OVER: this primary steps down and stops its program");
+        tracing::warn!(
+            "A NEWER PRIMARY HAS TAKEN OVER: this primary steps down and stops its program"
+        );
         StatusFile::write_now(&log, Report::stepped_down(super::read_epoch(&log)));
         if let Some(v) = &vip {
             v.del();

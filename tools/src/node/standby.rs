@@ -87,7 +87,9 @@ pub fn standby(
         let code = rep
             .join()
             .map_err(|_| anyhow::anyhow!("the replay thread panicked"))??;
-        eprintln!("hotstandby: the program exited on the primary (status {code}); the standby's replay completed");
+        tracing::info!(
+            "the program exited on the primary (status {code}); the standby's replay completed"
+        );
         return Ok(code.clamp(0, 255) as u8);
     };
     // Promoted: serve a new standby from the continued log, and tell the
@@ -96,7 +98,7 @@ pub fn standby(
         listen.unwrap_or_else(|| SocketAddr::new("0.0.0.0".parse().expect("addr"), primary.port()));
     // The session took the next epoch when it declared the primary lost;
     // `serve` keeps it in the log directory.
-    eprintln!("hotstandby: this node is the primary of epoch {epoch}");
+    tracing::info!("this node is the primary of epoch {epoch}");
     report::FAILOVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let ep = {
         let _g = rt.enter();
@@ -120,7 +122,7 @@ pub fn standby(
     ));
     announce.iter().for_each(|a| a.abort());
     if let Ok(true) = stepped_down {
-        eprintln!("hotstandby: another host holds the virtual IP now: this primary steps down");
+        tracing::warn!("another host holds the virtual IP now: this primary steps down");
         if let Some(g) = guard {
             g.step_down();
         }
@@ -202,15 +204,15 @@ fn start_replay(
             let Some(h) = out.handover else {
                 return Ok(out.exit_status);
             };
-            eprintln!(
-            "hotstandby: GOING LIVE after {} events: the program now runs for real on this host",
-            h.events
-        );
+            tracing::warn!(
+                "GOING LIVE after {} events: the program now runs for real on this host",
+                h.events
+            );
             for (fd, what) in &h.listeners {
-                eprintln!("hotstandby: listening socket fd {fd}: {what}");
+                tracing::info!("listening socket fd {fd}: {what}");
             }
             for (fd, what) in &h.connections {
-                eprintln!("hotstandby: connection fd {fd}: {what}");
+                tracing::info!("connection fd {fd}: {what}");
             }
             // The sockets are ready: now take the address clients use.
             if let Some((v, _)) = &net {
@@ -219,7 +221,7 @@ fn start_replay(
             }
             let mut h = h;
             for e in h.resend_tails() {
-                eprintln!("hotstandby: {e}");
+                tracing::warn!("{e}");
             }
             let mut w = LogWriter::resume(&log, h.log_offset, h.next_seq, h.events)?;
             w.set_throttle(throttle);
@@ -279,8 +281,8 @@ async fn follow(
                 other => {
                     if let (Some(t), Some(_)) = (last_heard, replayer.as_ref()) {
                         if session.handle_timeout(Instant::now()) {
-                            eprintln!(
-                                "hotstandby: the primary at {primary} is gone (silent for {} ms)",
+                            tracing::warn!(
+                                "the primary at {primary} is gone (silent for {} ms)",
                                 t.elapsed().as_millis()
                             );
                             return Ok(Some(lost(log, &session, feed)?));
@@ -290,8 +292,8 @@ async fn follow(
                         Ok(Err(e)) => e.to_string(),
                         _ => "timed out".into(),
                     };
-                    eprintln!(
-                        "hotstandby: connecting to {primary}: {why}; retrying in {} ms",
+                    tracing::warn!(
+                        "connecting to {primary}: {why}; retrying in {} ms",
                         backoff.as_millis()
                     );
                     tokio::time::sleep(if last_heard.is_some() {
@@ -307,7 +309,7 @@ async fn follow(
         backoff = Duration::from_millis(100);
         session.handle_connected(Instant::now());
         let mut stream = MsgStream::open(&conn).await?;
-        eprintln!("hotstandby: connected to primary {primary}; resuming the log at byte {written}");
+        tracing::info!("connected to primary {primary}; resuming the log at byte {written}");
         loop {
             let now = Instant::now();
             while let Some(t) = session.poll_transmit(now) {
@@ -350,7 +352,7 @@ async fn follow(
                             }
                             Ok(None) => {}
                             Err(e) => {
-                                eprintln!("hotstandby: primary session: {e}");
+                                tracing::warn!("primary session: {e}");
                                 if matches!(e, hotstandby_protocol::session::SessionError::Refused(_)) {
                                     bail!("the primary refused this standby: {e}");
                                 }
@@ -385,8 +387,8 @@ async fn follow(
                 }
             }
             if replayer.is_some() && session.handle_timeout(now) {
-                eprintln!(
-                    "hotstandby: no heartbeat from the primary for {} ms: taking over",
+                tracing::warn!(
+                    "no heartbeat from the primary for {} ms: taking over",
                     cfg.timeout.as_millis()
                 );
                 conn.close(0u32.into(), b"primary lost");
@@ -405,14 +407,14 @@ async fn follow(
                     if behind > 1 << 20 {
                         let pct =
                             100.0 * feed.position.load(Relaxed) as f64 / written.max(1) as f64;
-                        eprintln!(
-                            "hotstandby: catching up: {pct:5.1}% of {:.1} MB replayed ({} events)",
+                        tracing::info!(
+                            "catching up: {pct:5.1}% of {:.1} MB replayed ({} events)",
                             written as f64 / 1e6,
                             feed.replayed.load(Relaxed)
                         );
                         catching_up = true;
                     } else if catching_up {
-                        eprintln!("hotstandby: caught up; following live");
+                        tracing::info!("caught up; following live");
                         catching_up = false;
                     }
                     last_progress = now;
@@ -453,7 +455,7 @@ async fn follow(
             }
             if broken || session.state() == StandbyState::Disconnected {
                 if let Some(why) = conn.close_reason() {
-                    eprintln!("hotstandby: the connection to the primary ended: {why}");
+                    tracing::warn!("the connection to the primary ended: {why}");
                 }
                 session.handle_disconnected();
                 break;

@@ -93,13 +93,13 @@ impl Vip {
             .spawn(move || {
                 let r = g.serve(q);
                 if let Err(e) = &r {
-                    eprintln!("hotstandby: OUTPUT RULE FAILED: {e}; the program's packets are now dropped (fail closed)");
+                    tracing::error!("OUTPUT RULE FAILED: {e}; the program's packets are now dropped (fail closed)");
                 }
                 r
             })?;
         let rule = OutputRule::install(ip, self.queue)?;
-        eprintln!(
-            "hotstandby: output rule on: TCP from {ip} leaves only once the standby holds its log (NFQUEUE {})",
+        tracing::info!(
+            "output rule on: TCP from {ip} leaves only once the standby holds its log (NFQUEUE {})",
             self.queue
         );
         Ok(Guard {
@@ -119,7 +119,7 @@ impl Vip {
         match hotstandby_netguard::arp::held_elsewhere(&self.dev, ip, window) {
             Ok(v) => v,
             Err(e) => {
-                eprintln!("hotstandby: cannot probe the virtual IP: {e}");
+                tracing::warn!("cannot probe the virtual IP: {e}");
                 false
             }
         }
@@ -141,12 +141,13 @@ impl Vip {
             .stderr(std::process::Stdio::null())
             .spawn()
         {
-            Ok(_) => eprintln!(
-                "hotstandby: took the virtual IP {} on {} and announced it (gratuitous ARP)",
-                self.cidr, self.dev
+            Ok(_) => tracing::info!(
+                "took the virtual IP {} on {} and announced it (gratuitous ARP)",
+                self.cidr,
+                self.dev
             ),
-            Err(e) => eprintln!(
-                "hotstandby: took the virtual IP {} but could not run arping to announce it: {e}",
+            Err(e) => tracing::warn!(
+                "took the virtual IP {} but could not run arping to announce it: {e}",
                 self.cidr
             ),
         }
