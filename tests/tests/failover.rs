@@ -1121,3 +1121,122 @@ fn a_metrics_address_in_use_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// A TOML string (paths here have no quotes or backslashes).
+fn q(p: &Path) -> String {
+    format!("\"{}\"", p.display())
+}
+
+#[test]
+fn a_pair_runs_from_config_files_and_flags_win_over_them() {
+    let lab = Lab::new("cf");
+    let d = &lab.dir;
+    // The primary: everything in its file, the program too.
+    let pconf = d.join("primary.toml");
+    std::fs::write(
+        &pconf,
+        format!(
+            "log = {}\ncert = {}\nkey = {}\npeer_cert = {}\ndata_dir = {}\nheartbeat_ms = 50\n\
+             [run]\nlisten = \"198.51.100.1:7600\"\ncommand = [{}, \"{N}\", \"2000\"]\n",
+            q(&d.join("lp")),
+            q(&d.join("kp/node.crt")),
+            q(&d.join("kp/node.key")),
+            q(&d.join("ks/node.crt")),
+            q(&lab.a),
+            q(&lab.counter),
+        ),
+    )
+    .unwrap();
+    let _p = Guard(Some(
+        lab.hosts
+            .cmd(&lab.hosts.primary_ns, &lab.b)
+            .args(["run", "--config"])
+            .arg(&pconf)
+            .current_dir(&lab.a)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    // The standby: its file names a primary nobody listens on and a log
+    // directory; the flags correct both.
+    let sdata = d.join("s-data");
+    std::fs::create_dir_all(&sdata).unwrap();
+    let sconf = d.join("standby.toml");
+    std::fs::write(
+        &sconf,
+        format!(
+            "log = {}\ncert = {}\nkey = {}\npeer_cert = {}\ndata_dir = {}\n\
+             [standby]\nprimary = \"198.51.100.1:9\"\nlisten = \"198.51.100.2:7600\"\n",
+            q(&d.join("not-this-log")),
+            q(&d.join("ks/node.crt")),
+            q(&d.join("ks/node.key")),
+            q(&d.join("kp/node.crt")),
+            q(&sdata),
+        ),
+    )
+    .unwrap();
+    let slog = d.join("s-log");
+    let _s = Guard(Some(
+        lab.hosts
+            .cmd(&lab.hosts.standby_ns, &lab.b)
+            .args(["standby", "--config"])
+            .arg(&sconf)
+            .args(["--primary", "198.51.100.1:7600", "--log"])
+            .arg(&slog)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    following(&lab, &slog, &sdata.join("counter.txt"));
+    wait_until("the primary to report itself protected", 10, || {
+        status(&lab.b, &d.join("lp")).contains("protection:  PROTECTED")
+    });
+    assert!(
+        !d.join("not-this-log").exists(),
+        "the --log flag wins over the file"
+    );
+}
+
+#[test]
+fn a_bad_config_file_is_refused_naming_the_key() {
+    let s = Scratch::new("config-bad");
+    let run = |text: &str| {
+        let f = s.join("node.toml");
+        std::fs::write(&f, text).unwrap();
+        let o = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = run("timeout_ms = \"soon\"\n");
+    assert!(
+        err.contains("node.toml") && err.contains("timeout_ms"),
+        "{err}"
+    );
+    let err = run("log = \"/tmp/x\"\ntimout_ms = 300\n");
+    assert!(
+        err.contains("unknown field") && err.contains("timout_ms"),
+        "{err}"
+    );
+    let err = run("[run]\nlisten = \"198.51.100.1:7600\"\ncommand = [\"true\"]\n");
+    assert!(
+        err.contains("--log is required (or `log` in the --config file)"),
+        "{err}"
+    );
+    let err = run("[run]\nlisten = \"198.51.100.1:7600\"\ncommand = []\n");
+    assert!(err.contains("no program to run"), "{err}");
+    let o = Command::new(bin())
+        .args(["run", "--config", "/nonexistent/node.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("reading the config file /nonexistent/node.toml"),
+        "{err}"
+    );
+}

@@ -1,5 +1,6 @@
 //! The `hotstandby` command.
 
+mod config;
 mod demo;
 mod logcmd;
 mod node;
@@ -90,13 +91,12 @@ enum Cmd {
     Run {
         /// Address to accept the standby on, e.g. 0.0.0.0:7600.
         #[arg(long)]
-        listen: std::net::SocketAddr,
+        listen: Option<std::net::SocketAddr>,
         #[command(flatten)]
         node: NodeArgs,
-        /// Data directory snapshot for offline replay (as with `record`).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        /// The program and its arguments (or `command` in `[run]` of the
+        /// config file).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cmd: Vec<String>,
     },
     /// Follow a primary: receive its log, replay the program in lockstep,
@@ -104,13 +104,9 @@ enum Cmd {
     Standby {
         /// The primary's address.
         #[arg(long)]
-        primary: std::net::SocketAddr,
+        primary: Option<std::net::SocketAddr>,
         #[command(flatten)]
         node: NodeArgs,
-        /// This host's copy of the program's data directory, mounted over
-        /// the recorded one for the program (default: the recorded path).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
         /// Where to accept a new standby after taking over (default:
         /// 0.0.0.0 and the primary's port).
         #[arg(long)]
@@ -134,27 +130,37 @@ enum Cmd {
 
 #[derive(clap::Args, Debug)]
 struct NodeArgs {
+    /// Read these settings from a TOML file (docs/operations.md); a flag
+    /// given here wins over the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Log directory of this node.
     #[arg(long)]
-    log: PathBuf,
+    log: Option<PathBuf>,
     /// This node's certificate (from `keygen`).
     #[arg(long)]
-    cert: PathBuf,
+    cert: Option<PathBuf>,
     /// This node's key (from `keygen`).
     #[arg(long)]
-    key: PathBuf,
+    key: Option<PathBuf>,
     /// The peer's certificate: the only one accepted.
     #[arg(long)]
-    peer_cert: PathBuf,
-    /// Heartbeat interval.
-    #[arg(long, default_value_t = 50)]
-    heartbeat_ms: u64,
-    /// Silence after which the peer is considered gone.
-    #[arg(long, default_value_t = 300)]
-    timeout_ms: u64,
-    /// Unacknowledged log (MiB) above which the primary slows its program.
-    #[arg(long, default_value_t = 64)]
-    max_lag_mb: u64,
+    peer_cert: Option<PathBuf>,
+    /// The program's data directory: on the primary, snapshotted into the
+    /// log (as with `record`); on the standby, this host's copy, mounted
+    /// over the recorded one for the program (default: the recorded path).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Heartbeat interval [default: 50].
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Silence after which the peer is considered gone [default: 300].
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Unacknowledged log (MiB) above which the primary slows its program
+    /// [default: 64].
+    #[arg(long)]
+    max_lag_mb: Option<u64>,
     /// Virtual IP (ADDR/PREFIX) held by the primary and taken, with
     /// gratuitous ARP, by the standby when it goes live. With it, the output
     /// rule holds the program's TCP packets from this address until the
@@ -164,25 +170,40 @@ struct NodeArgs {
     /// Interface for --vip.
     #[arg(long)]
     dev: Option<String>,
-    /// NFQUEUE number used by the output rule (with --vip).
-    #[arg(long, default_value_t = 7311)]
-    queue_num: u16,
+    /// NFQUEUE number used by the output rule (with --vip) [default: 7311].
+    #[arg(long)]
+    queue_num: Option<u16>,
     /// Serve Prometheus metrics at http://ADDR/metrics (role, epoch, lag,
     /// events, output rule, failovers). Off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
 }
 
+/// A node's settings: flags over the config file over the defaults.
+struct NodeSettings {
+    log: PathBuf,
+    tls: node::Tls,
+    cfg: hotstandby_protocol::session::Config,
+    vip: Option<node::Vip>,
+    data_dir: Option<PathBuf>,
+}
+
+/// `--FLAG` or `KEY` of the config file, or an error naming both.
+fn need<T>(v: Option<T>, flag: &str, key: &str) -> anyhow::Result<T> {
+    v.ok_or_else(|| anyhow::anyhow!("--{flag} is required (or `{key}` in the --config file)"))
+}
+
 impl NodeArgs {
-    fn split(
-        self,
-    ) -> anyhow::Result<(
-        PathBuf,
-        node::Tls,
-        hotstandby_protocol::session::Config,
-        Option<node::Vip>,
-    )> {
-        let vip = match (self.vip, self.dev) {
+    /// The config file (empty without `--config`).
+    fn file(&self) -> anyhow::Result<config::File> {
+        match &self.config {
+            Some(p) => config::File::load(p),
+            None => Ok(config::File::default()),
+        }
+    }
+
+    fn settle(self, f: config::File) -> anyhow::Result<NodeSettings> {
+        let vip = match (self.vip.or(f.vip), self.dev.or(f.dev)) {
             (None, None) => None,
             (Some(cidr), Some(dev)) => {
                 let ok = cidr
@@ -197,38 +218,41 @@ impl NodeArgs {
                 Some(node::Vip {
                     cidr,
                     dev,
-                    queue: self.queue_num,
+                    queue: self.queue_num.or(f.queue_num).unwrap_or(7311),
                 })
             }
             _ => anyhow::bail!("--vip and --dev go together"),
         };
-        if self.timeout_ms < 2 * self.heartbeat_ms {
+        let heartbeat_ms = self.heartbeat_ms.or(f.heartbeat_ms).unwrap_or(50);
+        let timeout_ms = self.timeout_ms.or(f.timeout_ms).unwrap_or(300);
+        if timeout_ms < 2 * heartbeat_ms {
             anyhow::bail!(
-                "--timeout-ms ({}) must be at least twice --heartbeat-ms ({})",
-                self.timeout_ms,
-                self.heartbeat_ms
+                "--timeout-ms ({timeout_ms}) must be at least twice --heartbeat-ms ({heartbeat_ms})"
             );
         }
-        if let Some(addr) = self.metrics {
+        let log = need(self.log.or(f.log), "log", "log")?;
+        let tls = node::Tls {
+            cert: need(self.cert.or(f.cert), "cert", "cert")?,
+            key: need(self.key.or(f.key), "key", "key")?,
+            peer_cert: need(self.peer_cert.or(f.peer_cert), "peer-cert", "peer_cert")?,
+        };
+        if let Some(addr) = self.metrics.or(f.metrics) {
             let at = node::report::serve_metrics(addr)?;
             tracing::info!("metrics at http://{at}/metrics");
         }
         let cfg = hotstandby_protocol::session::Config {
-            heartbeat: std::time::Duration::from_millis(self.heartbeat_ms),
-            timeout: std::time::Duration::from_millis(self.timeout_ms),
-            max_unacked: self.max_lag_mb << 20,
+            heartbeat: std::time::Duration::from_millis(heartbeat_ms),
+            timeout: std::time::Duration::from_millis(timeout_ms),
+            max_unacked: self.max_lag_mb.or(f.max_lag_mb).unwrap_or(64) << 20,
             ..Default::default()
         };
-        Ok((
-            self.log,
-            node::Tls {
-                cert: self.cert,
-                key: self.key,
-                peer_cert: self.peer_cert,
-            },
+        Ok(NodeSettings {
+            log,
+            tls,
             cfg,
             vip,
-        ))
+            data_dir: self.data_dir.or(f.data_dir),
+        })
     }
 }
 
@@ -365,20 +389,37 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Run {
             listen,
             node: n,
-            data_dir,
             cmd,
         } => {
-            let (log, tls, cfg, vip) = n.split()?;
-            node::run(listen, log, tls, cfg, data_dir, vip, cmd)
+            let mut f = n.file()?;
+            let listen = need(listen.or(f.run.listen), "listen", "listen in [run]")?;
+            let cmd = if cmd.is_empty() {
+                f.run.command.take().unwrap_or_default()
+            } else {
+                cmd
+            };
+            if cmd.is_empty() {
+                anyhow::bail!(
+                    "no program to run: give it after the options (or `command` in [run] of the --config file)"
+                );
+            }
+            let s = n.settle(f)?;
+            node::run(listen, s.log, s.tls, s.cfg, s.data_dir, s.vip, cmd)
         }
         Cmd::Standby {
             primary,
             node: n,
-            data_dir,
             listen,
         } => {
-            let (log, tls, cfg, vip) = n.split()?;
-            node::standby(primary, log, tls, cfg, data_dir, listen, vip)
+            let f = n.file()?;
+            let primary = need(
+                primary.or(f.standby.primary),
+                "primary",
+                "primary in [standby]",
+            )?;
+            let listen = listen.or(f.standby.listen);
+            let s = n.settle(f)?;
+            node::standby(primary, s.log, s.tls, s.cfg, s.data_dir, listen, s.vip)
         }
         Cmd::Status { log, json } => node::status(&log, json),
         Cmd::Keygen { out, name } => {
