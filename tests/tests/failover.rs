@@ -1053,6 +1053,35 @@ fn status_json_and_metrics_follow_the_roles_through_a_failover() {
     assert_eq!(m.get("hotstandby_failovers_total"), Some(&0.0), "{m:?}");
     assert!(m["hotstandby_events_replayed_total"] > 0.0, "{m:?}");
 
+    let list = |ns: &str| {
+        let o = lab
+            .hosts
+            .cmd(ns, &lab.b)
+            .args(["list", pm, sm])
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (code, out) = list(&lab.hosts.primary_ns);
+    assert_eq!(code, Some(0), "{out}");
+    let row = |out: &str, a: &str| -> Vec<String> {
+        let l = out
+            .lines()
+            .find(|l| l.starts_with(a))
+            .unwrap_or_else(|| panic!("{a} in {out}"));
+        l.split_whitespace().map(str::to_string).collect()
+    };
+    let r = row(&out, pm);
+    assert_eq!(
+        (r[1].as_str(), r[3].as_str(), r[4].as_str()),
+        ("primary", "1", "protected"),
+        "{out}"
+    );
+    assert_eq!(row(&out, sm)[1], "standby", "{out}");
+
     // SAFETY: plain integers; the pid is our child's.
     unsafe { libc::kill(p.pid(), libc::SIGKILL) };
     p.wait(10);
@@ -1070,6 +1099,15 @@ fn status_json_and_metrics_follow_the_roles_through_a_failover() {
     assert_eq!(j["role"], "primary", "{j}");
     assert_eq!(j["failovers"], 1, "{j}");
     assert_eq!(j["primary"]["protection"], "unprotected", "{j}");
+    let (code, out) = list(&lab.hosts.standby_ns);
+    assert_eq!(code, Some(1), "the old primary does not answer: {out}");
+    assert!(row(&out, pm)[1].starts_with("unreachable"), "{out}");
+    let r = row(&out, sm);
+    assert_eq!(
+        (r[1].as_str(), r[3].as_str(), r[4].as_str()),
+        ("primary", "2", "UNPROTECTED"),
+        "{out}"
+    );
 
     // Its log: one JSON object per line, the takeover among them.
     // SAFETY: plain integers; the pid is our child's.

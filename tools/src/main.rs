@@ -121,6 +121,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// One line per node (role, state, epoch, protection, lag), asked of
+    /// each node's --metrics address (its /status).
+    List {
+        /// The nodes' --metrics addresses (HOST:PORT).
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
     /// Inspect a log.
     Log {
         #[command(subcommand)]
@@ -422,6 +429,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             node::standby(primary, s.log, s.tls, s.cfg, s.data_dir, listen, s.vip)
         }
         Cmd::Status { log, json } => node::status(&log, json),
+        Cmd::List { nodes } => node::report::list(&nodes),
         Cmd::Keygen { out, name } => {
             let (cert, key) = hotstandby_transport::keygen(&out, &name)?;
             println!("key:         {} (keep it secret; mode 0600)", key.display());

@@ -345,34 +345,127 @@ fn answer(c: &mut std::net::TcpStream) -> std::io::Result<()> {
         String::from_utf8_lossy(req.split(|&b| b == b'\n').next().unwrap_or(&[])).into_owned();
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (code, ctype, body) = if method != "GET" {
-        (
+    let latest = LATEST.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let (code, ctype, body) = match (method, path, latest) {
+        ("GET", "/metrics" | "/" | "/status", None) => (
+            "503 Service Unavailable",
+            "text/plain",
+            "no status yet\n".to_string(),
+        ),
+        ("GET", "/metrics" | "/", Some((r, at))) => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            r.metrics(at.elapsed().as_millis() as u64),
+        ),
+        ("GET", "/status", Some((r, at))) => (
+            "200 OK",
+            "application/json",
+            serde_json::to_string(&Listed {
+                report: r,
+                status_age_ms: at.elapsed().as_millis() as u64,
+            })
+            .unwrap_or_default(),
+        ),
+        ("GET", _, _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics or /status\n".to_string(),
+        ),
+        _ => (
             "405 Method Not Allowed",
             "text/plain",
             "only GET\n".to_string(),
-        )
-    } else if path != "/metrics" && path != "/" {
-        ("404 Not Found", "text/plain", "try /metrics\n".to_string())
-    } else {
-        let latest = LATEST.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        match latest {
-            Some((r, at)) => (
-                "200 OK",
-                "text/plain; version=0.0.4",
-                r.metrics(at.elapsed().as_millis() as u64),
-            ),
-            None => (
-                "503 Service Unavailable",
-                "text/plain",
-                "no status yet\n".to_string(),
-            ),
-        }
+        ),
     };
     write!(
         c,
         "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// A node's report as `/status` serves it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Listed {
+    #[serde(flatten)]
+    pub report: Report,
+    pub status_age_ms: u64,
+}
+
+/// Fetch `http://addr/status` (a node's `--metrics` address).
+pub fn fetch(addr: &str) -> anyhow::Result<Listed> {
+    use anyhow::Context as _;
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let sa = addr
+        .to_socket_addrs()
+        .with_context(|| format!("{addr}: not HOST:PORT"))?
+        .next()
+        .with_context(|| format!("{addr}: no address"))?;
+    let t = std::time::Duration::from_secs(2);
+    let mut c = std::net::TcpStream::connect_timeout(&sa, t)?;
+    c.set_read_timeout(Some(t))?;
+    c.set_write_timeout(Some(t))?;
+    write!(c, "GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut resp = Vec::new();
+    c.take(1 << 20).read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("not an HTTP answer (is this a --metrics address?)")?;
+    let status = head.lines().next().unwrap_or("");
+    if !status.contains(" 200 ") {
+        anyhow::bail!("answered {status:?}");
+    }
+    serde_json::from_str(body).context("not a hotstandby status")
+}
+
+/// `hotstandby list ADDR...`: one line per node, as `patronictl list`.
+/// Exit status 1 when a node did not answer.
+pub fn list(addrs: &[String]) -> anyhow::Result<u8> {
+    println!(
+        "{:<24} {:<9} {:<14} {:>5} {:<12} {:>12} {:>10}",
+        "NODE", "ROLE", "STATE", "EPOCH", "PROTECTION", "LAG", "HEARD"
+    );
+    let mut bad = 0;
+    for a in addrs {
+        match fetch(a) {
+            Ok(l) => {
+                let r = &l.report;
+                let role = if r.stepped_down { "stepped" } else { &r.role };
+                let (prot, lag) = match (&r.primary, &r.standby) {
+                    (Some(p), _) => (
+                        p.protection.map_or("-", |p| match p {
+                            Protection::Protected => "protected",
+                            Protection::CatchingUp => "catching-up",
+                            Protection::Unprotected => "UNPROTECTED",
+                            Protection::SteppedDown => "stepped-down",
+                        }),
+                        format!("{} B", p.unacked_bytes),
+                    ),
+                    (None, Some(s)) => ("-", format!("{} B", s.replay_lag_bytes)),
+                    _ => ("-", "-".into()),
+                };
+                let heard = r
+                    .last_heard_ms
+                    .map_or("never".into(), |ms| format!("{ms} ms"));
+                let stale = if l.status_age_ms > 2000 {
+                    " (stale)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{a:<24} {role:<9} {:<14} {:>5} {prot:<12} {lag:>12} {heard:>10}{stale}",
+                    r.state, r.epoch
+                );
+            }
+            Err(e) => {
+                bad += 1;
+                println!("{a:<24} unreachable: {e:#}");
+            }
+        }
+    }
+    Ok(if bad > 0 { 1 } else { 0 })
 }
 
 #[derive(Default)]
