@@ -1278,3 +1278,136 @@ fn a_bad_config_file_is_refused_naming_the_key() {
         "{err}"
     );
 }
+
+/// etcd, one member, on the standby's host (so cutting the primary from
+/// the standby cuts it from the arbiter too).
+fn etcd_on_standby(lab: &Lab) -> Guard {
+    let d = lab.dir.join("etcd");
+    let c = lab
+        .hosts
+        .cmd(&lab.hosts.standby_ns, Path::new("etcd"))
+        .args(["--name", "e1", "--data-dir"])
+        .arg(&d)
+        .args([
+            "--listen-client-urls",
+            "http://198.51.100.2:2379",
+            "--advertise-client-urls",
+            "http://198.51.100.2:2379",
+            "--listen-peer-urls",
+            "http://198.51.100.2:2380",
+            "--initial-advertise-peer-urls",
+            "http://198.51.100.2:2380",
+            "--initial-cluster",
+            "e1=http://198.51.100.2:2380",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd must be installed (etcd-server)");
+    let g = Guard(Some(c));
+    wait_until("etcd to answer", 20, || {
+        lab.hosts
+            .cmd(&lab.hosts.primary_ns, Path::new("curl"))
+            .args([
+                "-sf",
+                "-X",
+                "POST",
+                "http://198.51.100.2:2379/v3/maintenance/status",
+                "-d",
+                "{}",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    g
+}
+
+#[test]
+fn with_an_arbiter_a_cut_off_primary_steps_down_before_the_standby_goes_live() {
+    let lab = Lab::new("ar");
+    let _etcd = etcd_on_standby(&lab);
+    let arb = [
+        "--arbiter",
+        "etcd://198.51.100.2:2379",
+        "--service",
+        "counter",
+        "--arbiter-ttl-ms",
+        "2000",
+    ];
+    let mut p = lab.primary_with(N, &arb);
+    let (mut s, sfile, slog) = lab.standby_with(
+        "s1",
+        &lab.hosts.standby_ns,
+        "198.51.100.1:7600",
+        "198.51.100.2:7600",
+        ["ks", "kp"],
+        &arb,
+        &[],
+    );
+    following(&lab, &slog, &sfile);
+
+    // A second primary for the same service is refused while the key is held.
+    let o = lab
+        .hosts
+        .cmd(&lab.hosts.primary_ns, &lab.b)
+        .args(["run", "--listen", "198.51.100.1:7601", "--log"])
+        .arg(lab.dir.join("lp2"))
+        .arg("--cert")
+        .arg(lab.dir.join("kp/node.crt"))
+        .arg("--key")
+        .arg(lab.dir.join("kp/node.key"))
+        .arg("--peer-cert")
+        .arg(lab.dir.join("ks/node.crt"))
+        .args(arb)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("the arbiter says") && err.contains("is the primary"),
+        "{err}"
+    );
+
+    // Cut the primary off from the standby and from etcd.
+    let cut = Instant::now();
+    lab.hosts.partition(true);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut pg = Guard(p.0.take());
+    std::thread::spawn(move || {
+        let o = pg.wait(30);
+        let _ = tx.send((Instant::now(), o));
+    });
+    let mut live_at = None;
+    wait_until("the standby to take over", 30, || {
+        let live = status(&lab.b, &slog).contains("role:        primary");
+        if live && live_at.is_none() {
+            live_at = Some(Instant::now());
+        }
+        live
+    });
+    let (down_at, po) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the primary exits");
+    let perr = String::from_utf8_lossy(&po.stderr);
+    assert_eq!(po.status.code(), Some(75), "{perr}");
+    assert!(perr.contains("LOST THE ARBITER'S LEASE"), "{perr}");
+    let live_at = live_at.unwrap();
+    eprintln!(
+        "after the cut: old primary stepped down at {:?}, standby live at {:?}",
+        down_at - cut,
+        live_at - cut
+    );
+    assert!(
+        down_at < live_at,
+        "the old primary stepped down {:?} after the cut, the standby went live {:?} after it",
+        down_at - cut,
+        live_at - cut
+    );
+    lab.hosts.partition(false);
+    let so = s.wait(60);
+    let serr = String::from_utf8_lossy(&so.stderr);
+    assert_eq!(so.status.code(), Some(0), "{serr}");
+    assert!(serr.contains("took the arbiter's leader key"), "{serr}");
+    assert_counts(&lines(&sfile), N, "standby's file");
+}

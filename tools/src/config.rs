@@ -43,6 +43,10 @@ pub struct File {
     pub dev: Option<String>,
     pub queue_num: Option<u16>,
     pub metrics: Option<SocketAddr>,
+    pub arbiter: Option<String>,
+    pub service: Option<String>,
+    pub node_name: Option<String>,
+    pub arbiter_ttl_ms: Option<u64>,
     #[serde(default)]
     pub run: Run,
     #[serde(default)]

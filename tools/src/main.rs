@@ -184,6 +184,20 @@ struct NodeArgs {
     /// events, output rule, failovers). Off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// An etcd cluster as arbiter (etcd://HOST:PORT[,HOST:PORT...]): only
+    /// the holder of the service's leader key releases output; a standby
+    /// goes live only once it holds the key.
+    #[arg(long, value_name = "URL")]
+    arbiter: Option<String>,
+    /// The protected service's name in the arbiter [default: hotstandby].
+    #[arg(long)]
+    service: Option<String>,
+    /// This node's name in the arbiter [default: HOSTNAME-PID].
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The leader key's lease [default: 3000; at least 2000].
+    #[arg(long)]
+    arbiter_ttl_ms: Option<u64>,
 }
 
 /// A node's settings: flags over the config file over the defaults.
@@ -243,6 +257,25 @@ impl NodeArgs {
             key: need(self.key.or(f.key), "key", "key")?,
             peer_cert: need(self.peer_cert.or(f.peer_cert), "peer-cert", "peer_cert")?,
         };
+        if let Some(url) = self.arbiter.or(f.arbiter) {
+            let ttl = self.arbiter_ttl_ms.or(f.arbiter_ttl_ms).unwrap_or(3000);
+            if ttl < 2000 {
+                anyhow::bail!("--arbiter-ttl-ms must be at least 2000 (etcd's shortest lease is about 1.5 s; got {ttl})");
+            }
+            let ttl = std::time::Duration::from_millis(ttl);
+            let etcd = node::arbiter::Etcd::parse(&url, ttl / 6)?;
+            let name = self.node_name.or(f.node_name).unwrap_or_else(|| {
+                let h = nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "node".into());
+                format!("{h}-{}", std::process::id())
+            });
+            let service = self
+                .service
+                .or(f.service)
+                .unwrap_or_else(|| "hotstandby".into());
+            node::arbiter::install(node::arbiter::Leadership::new(etcd, &service, &name, ttl));
+        }
         if let Some(addr) = self.metrics.or(f.metrics) {
             let at = node::report::serve_metrics(addr)?;
             tracing::info!("metrics at http://{at}/metrics");

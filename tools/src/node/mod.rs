@@ -14,6 +14,7 @@
 //! - [`vip`]: the virtual IP and the output rule;
 //! - here: what both roles share (keys, status file, epoch file, lag).
 
+pub mod arbiter;
 pub mod primary;
 pub mod report;
 pub mod standby;

@@ -336,10 +336,20 @@ pub fn run(
     cmd: Vec<String>,
 ) -> anyhow::Result<u8> {
     let (keys, peer) = tls.load()?;
+    super::arbiter::take_or_refuse()?;
     let guard = match &vip {
         Some(v) => Some(v.guard()?),
         None => None,
     };
+    let gate = guard.as_ref().map(|g| g.gate.clone());
+    super::arbiter::hold(
+        Box::new(move || {
+            if let Some(g) = &gate {
+                g.stop(false);
+            }
+        }),
+        EXIT_STEPPED_DOWN as i32,
+    )?;
     if let Some(v) = &vip {
         v.add()?;
         tracing::info!("holding the virtual IP {} on {}", v.cidr, v.dev);
@@ -383,6 +393,7 @@ pub fn run(
     let out = rec
         .join()
         .map_err(|_| anyhow::anyhow!("the recorder thread panicked"))??;
+    super::arbiter::resign();
     if let Some(g) = guard {
         g.finish();
     }

@@ -100,6 +100,15 @@ pub fn standby(
     // `serve` keeps it in the log directory.
     tracing::info!("this node is the primary of epoch {epoch}");
     report::FAILOVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let gate = guard.as_ref().map(|g| g.gate.clone());
+    super::arbiter::hold(
+        Box::new(move || {
+            if let Some(g) = &gate {
+                g.stop(false);
+            }
+        }),
+        EXIT_STEPPED_DOWN as i32,
+    )?;
     let ep = {
         let _g = rt.enter();
         transport::server(listen, &keys, peer)?
@@ -467,6 +476,9 @@ async fn follow(
 /// The primary is declared lost: keep the new epoch, tell the replay to go
 /// live with what it holds.
 fn lost(log: &Path, session: &Standby, feed: &LiveFeed) -> anyhow::Result<u64> {
+    // With an arbiter: not before this node holds the leader key (the old
+    // primary's lease is over, so it no longer releases anything).
+    super::arbiter::wait_for_key();
     save_epoch(log, session.epoch())?;
     feed.lost_ms
         .store(hotstandby_netguard::tcp::wall_ms(), Relaxed);

@@ -1,0 +1,462 @@
+//! The external arbiter: a leader key with a lease in etcd (v3 API,
+//! through etcd's JSON gateway, `POST /v3/...`), as Patroni keeps its
+//! leader lock. The holder of the key is the only node allowed to release
+//! output; the key lives only as long as its holder renews the lease.
+//!
+//! Timing rule (Patroni's `loop_wait + 2 × retry_timeout ≤ ttl`): the
+//! holder renews every `ttl / 3`, each request bounded by `ttl / 6`, and
+//! counts its lease as valid only until `last renewal sent + ttl − ttl/6`:
+//! it stops releasing output before etcd can let anybody else take the key.
+//!
+//! With `--arbiter`, `run` takes the key before it starts the program (and
+//! refuses to start while another node holds it), a standby that lost its
+//! primary goes live only once it holds the key, and the holder steps down
+//! (exit 75, output held) when it cannot renew in time.
+
+use anyhow::{anyhow, bail, Context};
+use base64::Engine as _;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn unb64(s: &str) -> anyhow::Result<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .context("etcd sent bad base64")
+}
+
+/// etcd's int64 fields come as JSON strings; absent means 0.
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// A key's value and modification revision.
+type Kv = (Vec<u8>, i64);
+
+/// A client of an etcd cluster: each call tries the members in turn.
+#[derive(Debug, Clone)]
+pub struct Etcd {
+    members: Vec<String>,
+    timeout: Duration,
+}
+
+impl Etcd {
+    /// `etcd://HOST:PORT[,HOST:PORT...]`.
+    pub fn parse(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let rest = url.strip_prefix("etcd://").ok_or_else(|| {
+            anyhow!("--arbiter must be etcd://HOST:PORT[,HOST:PORT...] (got {url})")
+        })?;
+        let members: Vec<String> = rest
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+            .collect();
+        if members.is_empty() {
+            bail!("--arbiter {url}: no member");
+        }
+        for m in &members {
+            if !m.contains(':') {
+                bail!("--arbiter {url}: member {m:?} is not HOST:PORT");
+            }
+        }
+        Ok(Etcd { members, timeout })
+    }
+
+    /// One gateway call; the first member that answers wins.
+    fn call(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let mut why = Vec::new();
+        for m in &self.members {
+            match post(m, path, &body.to_string(), self.timeout) {
+                Ok(v) => return Ok(v),
+                Err(e) => why.push(format!("{m}: {e:#}")),
+            }
+        }
+        bail!("no etcd member answered {path}: {}", why.join("; "))
+    }
+
+    /// A new lease of `ttl` (whole seconds, at least 1).
+    pub fn grant(&self, ttl: Duration) -> anyhow::Result<i64> {
+        let v = self.call("/v3/lease/grant", &json!({ "TTL": ttl.as_secs().max(1) }))?;
+        let id = int(&v["ID"]);
+        if id == 0 {
+            bail!("etcd granted no lease: {v}");
+        }
+        Ok(id)
+    }
+
+    /// Renew `lease`: its remaining TTL in seconds, or None when etcd no
+    /// longer knows it (expired or revoked).
+    pub fn keepalive(&self, lease: i64) -> anyhow::Result<Option<i64>> {
+        let v = self.call("/v3/lease/keepalive", &json!({ "ID": lease.to_string() }))?;
+        let r = v.get("result").unwrap_or(&v);
+        Ok(Some(int(&r["TTL"])).filter(|t| *t > 0))
+    }
+
+    pub fn revoke(&self, lease: i64) -> anyhow::Result<()> {
+        self.call("/v3/lease/revoke", &json!({ "ID": lease.to_string() }))?;
+        Ok(())
+    }
+
+    /// Put `key` = `value` (attached to `lease`, 0: none) only if `key`'s
+    /// modification revision is `rev` (0: only if it does not exist).
+    /// Ok(None) when written, Ok(Some(current)) when the comparison failed.
+    pub fn put_if(
+        &self,
+        key: &[u8],
+        rev: i64,
+        value: &[u8],
+        lease: i64,
+    ) -> anyhow::Result<Option<Option<Kv>>> {
+        let (target, field) = if rev == 0 {
+            ("CREATE", "create_revision")
+        } else {
+            ("MOD", "mod_revision")
+        };
+        let mut put = json!({ "key": b64(key), "value": b64(value) });
+        if lease != 0 {
+            put["lease"] = json!(lease.to_string());
+        }
+        let v = self.call(
+            "/v3/kv/txn",
+            &json!({
+                "compare": [{ "key": b64(key), "result": "EQUAL", "target": target, field: rev.to_string() }],
+                "success": [{ "request_put": put }],
+                "failure": [{ "request_range": { "key": b64(key) } }],
+            }),
+        )?;
+        if v["succeeded"].as_bool() == Some(true) {
+            return Ok(None);
+        }
+        let kv = v["responses"][0]["response_range"]["kvs"]
+            .as_array()
+            .and_then(|a| a.first())
+            .cloned();
+        Ok(Some(match kv {
+            Some(kv) => Some((
+                unb64(kv["value"].as_str().unwrap_or(""))?,
+                int(&kv["mod_revision"]),
+            )),
+            None => None,
+        }))
+    }
+}
+
+/// One HTTP/1.1 POST with `Connection: close`; the JSON body of a 200.
+fn post(member: &str, path: &str, body: &str, timeout: Duration) -> anyhow::Result<Value> {
+    let addrs: Vec<SocketAddr> = member
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {member}"))?
+        .collect();
+    let sa = addrs
+        .first()
+        .ok_or_else(|| anyhow!("{member}: no address"))?;
+    let mut c = TcpStream::connect_timeout(sa, timeout)?;
+    c.set_read_timeout(Some(timeout))?;
+    c.set_write_timeout(Some(timeout))?;
+    write!(
+        c,
+        "POST {path} HTTP/1.1\r\nHost: {member}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = Vec::new();
+    c.take(4 << 20).read_to_end(&mut resp)?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("not an HTTP answer"))?;
+    let head = String::from_utf8_lossy(&resp[..split]).to_ascii_lowercase();
+    let mut payload = resp[split + 4..].to_vec();
+    let status = head.lines().next().unwrap_or("").to_string();
+    if head.contains("transfer-encoding: chunked") {
+        payload = dechunk(&payload)?;
+    }
+    // A streaming call (keepalive) sends one JSON object per line.
+    let first = payload
+        .split(|&b| b == b'\n')
+        .find(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .unwrap_or(&[]);
+    let v: Value = serde_json::from_slice(first)
+        .with_context(|| format!("{status}: not JSON: {}", String::from_utf8_lossy(first)))?;
+    if !status.contains(" 200 ") {
+        bail!(
+            "{status}: {}",
+            v["error"].as_str().unwrap_or(&v.to_string())
+        );
+    }
+    if let Some(e) = v.get("error") {
+        bail!("etcd: {e}");
+    }
+    Ok(v)
+}
+
+fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| anyhow!("bad chunked body"))?;
+        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16)
+            .context("bad chunk size")?;
+        b = &b[eol + 2..];
+        if n == 0 || b.len() < n {
+            out.extend_from_slice(&b[..n.min(b.len())]);
+            return Ok(out);
+        }
+        out.extend_from_slice(&b[..n]);
+        b = b.get(n + 2..).unwrap_or(&[]);
+    }
+}
+
+/// The leader key of one protected service, as one node holds or seeks it.
+#[derive(Debug)]
+pub struct Leadership {
+    etcd: Etcd,
+    key: Vec<u8>,
+    me: Vec<u8>,
+    ttl: Duration,
+    lease: i64,
+    /// When the last successful renewal (or the grant) was *sent*.
+    renewed: Option<Instant>,
+}
+
+/// Why a node does not hold the key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Held {
+    /// This node holds it now.
+    Mine,
+    /// Another node does (its value).
+    By(Vec<u8>),
+}
+
+impl Leadership {
+    pub fn new(etcd: Etcd, service: &str, me: &str, ttl: Duration) -> Self {
+        Leadership {
+            etcd,
+            key: format!("/hotstandby/{service}/leader").into_bytes(),
+            me: me.as_bytes().to_vec(),
+            ttl,
+            lease: 0,
+            renewed: None,
+        }
+    }
+
+    /// Take the key if nobody holds it (or this node already does).
+    pub fn campaign(&mut self) -> anyhow::Result<Held> {
+        let sent = Instant::now();
+        // A lease from an earlier attempt is kept alive (or replaced once
+        // gone), so the key is never taken on a lease about to end.
+        if self.lease != 0 && self.etcd.keepalive(self.lease)?.is_none() {
+            self.lease = 0;
+        }
+        if self.lease == 0 {
+            self.lease = self.etcd.grant(self.ttl)?;
+        }
+        match self.etcd.put_if(&self.key, 0, &self.me, self.lease)? {
+            None => {
+                self.renewed = Some(sent);
+                Ok(Held::Mine)
+            }
+            Some(Some((v, _))) if v == self.me => {
+                // Ours from before (another lease of this node): keep the
+                // key on our current lease only if renewing works.
+                self.renew().map(|_| Held::Mine)
+            }
+            Some(Some((v, _))) => Ok(Held::By(v)),
+            Some(None) => Ok(Held::By(Vec::new())),
+        }
+    }
+
+    /// Renew the lease; an error when etcd does not answer or the lease is
+    /// gone (then the key is not ours any more).
+    pub fn renew(&mut self) -> anyhow::Result<()> {
+        let sent = Instant::now();
+        match self.etcd.keepalive(self.lease)? {
+            Some(_) => {
+                self.renewed = Some(sent);
+                Ok(())
+            }
+            None => {
+                self.renewed = None;
+                bail!("the arbiter's lease expired: another node may hold the key")
+            }
+        }
+    }
+
+    /// Until when this node may act as the holder (None: it may not).
+    pub fn valid_until(&self) -> Option<Instant> {
+        self.renewed.map(|t| t + self.ttl - self.ttl / 6)
+    }
+
+    /// Let the key go at once (a clean stop).
+    pub fn resign(&mut self) -> anyhow::Result<()> {
+        self.renewed = None;
+        if self.lease != 0 {
+            self.etcd.revoke(self.lease)?;
+            self.lease = 0;
+        }
+        Ok(())
+    }
+
+    /// Renewal period and per-request bound of the timing rule.
+    pub fn loop_wait(&self) -> Duration {
+        self.ttl / 3
+    }
+}
+
+/// This process's leadership, once `--arbiter` configured one.
+static ARBITER: std::sync::Mutex<Option<Leadership>> = std::sync::Mutex::new(None);
+
+fn arbiter() -> std::sync::MutexGuard<'static, Option<Leadership>> {
+    ARBITER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Configure the arbiter for this process.
+pub fn install(l: Leadership) {
+    *arbiter() = Some(l);
+}
+
+/// Whether an arbiter is configured.
+pub fn configured() -> bool {
+    arbiter().is_some()
+}
+
+/// Primary at start: take the key or refuse to run.
+pub fn take_or_refuse() -> anyhow::Result<()> {
+    let mut a = arbiter();
+    let Some(l) = a.as_mut() else { return Ok(()) };
+    match l.campaign().context("asking the arbiter for the leader key")? {
+        Held::Mine => {
+            tracing::info!(
+                "the arbiter's leader key {} is ours (lease ttl {} ms)",
+                String::from_utf8_lossy(&l.key),
+                l.ttl.as_millis()
+            );
+            Ok(())
+        }
+        Held::By(v) => bail!(
+            "the arbiter says {} is the primary ({}): start this node as a standby (or wait for that node's lease to expire)",
+            String::from_utf8_lossy(&v),
+            String::from_utf8_lossy(&l.key)
+        ),
+    }
+}
+
+/// Standby that lost its primary: wait until this node holds the key (the
+/// old primary's lease has expired, so it has stopped releasing output).
+/// Never returns without it: a standby that cannot reach the arbiter must
+/// not go live.
+pub fn wait_for_key() {
+    let mut a = arbiter();
+    let Some(l) = a.as_mut() else { return };
+    let mut said = None;
+    loop {
+        let why = match l.campaign() {
+            Ok(Held::Mine) => {
+                tracing::warn!(
+                    "took the arbiter's leader key {}: going live",
+                    String::from_utf8_lossy(&l.key)
+                );
+                return;
+            }
+            Ok(Held::By(v)) => format!("held by {}", String::from_utf8_lossy(&v)),
+            Err(e) => format!("{e:#}"),
+        };
+        if said.as_ref() != Some(&why) {
+            tracing::warn!("not going live until the arbiter's leader key is ours: {why}");
+            said = Some(why);
+        }
+        std::thread::sleep(l.loop_wait());
+    }
+}
+
+/// The holder: renew every `loop_wait` from a thread of its own; when the
+/// lease could not be renewed in time, stop releasing output (`fence`)
+/// and exit with `code`: another node may hold the key from then on.
+pub fn hold(fence: Box<dyn Fn() + Send>, code: i32) -> anyhow::Result<()> {
+    if !configured() {
+        return Ok(());
+    }
+    std::thread::Builder::new()
+        .name("arbiter".into())
+        .spawn(move || loop {
+            let (wait, until) = {
+                let mut a = arbiter();
+                let Some(l) = a.as_mut() else { return };
+                if let Err(e) = l.renew() {
+                    tracing::warn!("renewing the arbiter's lease: {e:#}");
+                }
+                (l.loop_wait(), l.valid_until())
+            };
+            // The next renewal would come after the lease may have ended:
+            // stop now, while it is still ours.
+            if until.is_none_or(|u| Instant::now() + wait >= u) {
+                fence();
+                tracing::error!(
+                    "LOST THE ARBITER'S LEASE: this primary stops releasing output and steps down"
+                );
+                std::process::exit(code);
+            }
+            std::thread::sleep(wait);
+        })?;
+    Ok(())
+}
+
+/// A clean stop: give the key back at once.
+pub fn resign() {
+    if let Some(l) = arbiter().as_mut() {
+        if let Err(e) = l.resign() {
+            tracing::warn!("giving the arbiter's key back: {e:#}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(Etcd::parse("etcd://198.51.100.5:2379", Duration::from_secs(1)).is_ok());
+        let e = Etcd::parse("http://x:1", Duration::from_secs(1)).unwrap_err();
+        assert!(e.to_string().contains("etcd://HOST:PORT"), "{e}");
+        let e = Etcd::parse("etcd://a:1,b", Duration::from_secs(1)).unwrap_err();
+        assert!(e.to_string().contains("\"b\" is not HOST:PORT"), "{e}");
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        let b = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+        assert_eq!(dechunk(b).unwrap(), b"hello world");
+    }
+
+    #[test]
+    fn the_lease_is_trusted_for_less_than_its_ttl() {
+        let mut l = Leadership::new(
+            Etcd::parse("etcd://127.0.0.1:1", Duration::from_millis(100)).unwrap(),
+            "s",
+            "n",
+            Duration::from_secs(6),
+        );
+        assert_eq!(l.valid_until(), None);
+        let t = Instant::now();
+        l.renewed = Some(t);
+        assert_eq!(l.valid_until(), Some(t + Duration::from_secs(5)));
+        assert_eq!(l.loop_wait(), Duration::from_secs(2));
+        // Nobody answers on port 1: the error says so, the lease is not
+        // extended.
+        let e = l.renew().unwrap_err().to_string();
+        assert!(e.contains("no etcd member answered"), "{e}");
+        assert_eq!(l.valid_until(), Some(t + Duration::from_secs(5)));
+    }
+}
