@@ -412,6 +412,17 @@ pub fn hold(fence: Box<dyn Fn() + Send>, code: i32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Renew now and say whether this node may still act as the holder
+/// (true without an arbiter).
+pub fn renew_now() -> bool {
+    let mut a = arbiter();
+    let Some(l) = a.as_mut() else { return true };
+    if let Err(e) = l.renew() {
+        tracing::warn!("renewing the arbiter's lease: {e:#}");
+    }
+    l.valid_until().is_some_and(|u| Instant::now() < u)
+}
+
 /// A clean stop: give the key back at once.
 pub fn resign() {
     if let Some(l) = arbiter().as_mut() {

@@ -160,6 +160,15 @@ pub(super) async fn serve(
                     );
                     return Ok(true);
                 }
+                // With an arbiter, serving alone needs the lease too (a
+                // primary woken from a pause must not release on its own
+                // word before its arbiter thread notices the lease is gone).
+                if !super::arbiter::renew_now() {
+                    tracing::warn!(
+                        "the arbiter's lease is not ours any more: the standby may hold the key"
+                    );
+                    return Ok(true);
+                }
                 gate.set_protected(false);
             }
             tracing::warn!("serving UNPROTECTED until a standby joins again");
