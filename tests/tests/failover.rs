@@ -1279,61 +1279,97 @@ fn a_bad_config_file_is_refused_naming_the_key() {
     );
 }
 
+/// An etcd cluster of `n` members on host `ns` at `ip` (client ports
+/// 2379, 2479, ...; peer ports one above each), and its --arbiter URL.
+fn etcd_cluster(lab: &Lab, ns: &str, ip: &str, n: u16) -> (Vec<Guard>, String) {
+    let m = |i: u16| (format!("e{i}"), 2379 + 100 * i, 2380 + 100 * i);
+    let initial: Vec<String> = (0..n)
+        .map(|i| {
+            let (name, _, peer) = m(i);
+            format!("{name}=http://{ip}:{peer}")
+        })
+        .collect();
+    let mut g = Vec::new();
+    for i in 0..n {
+        let (name, client, peer) = m(i);
+        let c = lab
+            .hosts
+            .cmd(ns, Path::new("etcd"))
+            .args(["--name", &name, "--data-dir"])
+            .arg(lab.dir.join(format!("etcd-{name}")))
+            .args([
+                "--listen-client-urls",
+                &format!("http://{ip}:{client}"),
+                "--advertise-client-urls",
+                &format!("http://{ip}:{client}"),
+                "--listen-peer-urls",
+                &format!("http://{ip}:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://{ip}:{peer}"),
+                "--initial-cluster",
+                &initial.join(","),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd must be installed (etcd-server)");
+        g.push(Guard(Some(c)));
+    }
+    let url = format!(
+        "etcd://{}",
+        (0..n)
+            .map(|i| format!("{ip}:{}", m(i).1))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    wait_until("etcd to elect a leader", 30, || {
+        etcd_status(lab, ns, &format!("{ip}:2379")).is_some_and(|v| v["leader"].is_string())
+    });
+    (g, url)
+}
+
+/// `/v3/maintenance/status` of one member, asked from host `ns`.
+fn etcd_status(lab: &Lab, ns: &str, member: &str) -> Option<serde_json::Value> {
+    let o = lab
+        .hosts
+        .cmd(ns, Path::new("curl"))
+        .args(["-sf", "--max-time", "2", "-X", "POST"])
+        .arg(format!("http://{member}/v3/maintenance/status"))
+        .args(["-d", "{}"])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&o.stdout).ok()
+}
+
 /// etcd, one member, on the standby's host (so cutting the primary from
 /// the standby cuts it from the arbiter too).
 fn etcd_on_standby(lab: &Lab) -> Guard {
-    let d = lab.dir.join("etcd");
-    let c = lab
-        .hosts
-        .cmd(&lab.hosts.standby_ns, Path::new("etcd"))
-        .args(["--name", "e1", "--data-dir"])
-        .arg(&d)
-        .args([
-            "--listen-client-urls",
-            "http://198.51.100.2:2379",
-            "--advertise-client-urls",
-            "http://198.51.100.2:2379",
-            "--listen-peer-urls",
-            "http://198.51.100.2:2380",
-            "--initial-advertise-peer-urls",
-            "http://198.51.100.2:2380",
-            "--initial-cluster",
-            "e1=http://198.51.100.2:2380",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcd must be installed (etcd-server)");
-    let g = Guard(Some(c));
-    wait_until("etcd to answer", 20, || {
-        lab.hosts
-            .cmd(&lab.hosts.primary_ns, Path::new("curl"))
-            .args([
-                "-sf",
-                "-X",
-                "POST",
-                "http://198.51.100.2:2379/v3/maintenance/status",
-                "-d",
-                "{}",
-            ])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    g
+    let (mut g, _) = etcd_cluster(lab, &lab.hosts.standby_ns, "198.51.100.2", 1);
+    g.pop().expect("one member")
+}
+
+/// The options for a node using the arbiter at `url` with a lease of
+/// `ttl_ms`.
+fn arbiter_args(url: &str, ttl_ms: u32) -> Vec<String> {
+    let ttl = ttl_ms.to_string();
+    [
+        "--arbiter",
+        url,
+        "--service",
+        "counter",
+        "--arbiter-ttl-ms",
+        &ttl,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 #[test]
 fn with_an_arbiter_a_cut_off_primary_steps_down_before_the_standby_goes_live() {
     let lab = Lab::new("ar");
     let _etcd = etcd_on_standby(&lab);
-    let arb = [
-        "--arbiter",
-        "etcd://198.51.100.2:2379",
-        "--service",
-        "counter",
-        "--arbiter-ttl-ms",
-        "2000",
-    ];
+    let arb = arbiter_args("etcd://198.51.100.2:2379", 2000);
+    let arb: Vec<&str> = arb.iter().map(String::as_str).collect();
     let mut p = lab.primary_with(N, &arb);
     let (mut s, sfile, slog) = lab.standby_with(
         "s1",
@@ -1410,4 +1446,123 @@ fn with_an_arbiter_a_cut_off_primary_steps_down_before_the_standby_goes_live() {
     assert_eq!(so.status.code(), Some(0), "{serr}");
     assert!(serr.contains("took the arbiter's leader key"), "{serr}");
     assert_counts(&lines(&sfile), N, "standby's file");
+}
+
+#[test]
+fn with_an_arbiter_a_standby_cut_from_it_does_not_go_live() {
+    let lab = Lab::new("as");
+    let (_etcd, url) = etcd_cluster(&lab, &lab.hosts.primary_ns, "198.51.100.1", 1);
+    let arb = arbiter_args(&url, 2000);
+    let arb: Vec<&str> = arb.iter().map(String::as_str).collect();
+    let mut p = lab.primary_with(N, &arb);
+    let (mut s, sfile, slog) = lab.standby_with(
+        "s1",
+        &lab.hosts.standby_ns,
+        "198.51.100.1:7600",
+        "198.51.100.2:7600",
+        ["ks", "kp"],
+        &arb,
+        &[],
+    );
+    following(&lab, &slog, &sfile);
+    // The standby cannot reach etcd (a rule in its own namespace), then the
+    // primary dies.
+    let rule = |op: &str| {
+        let st = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.hosts.standby_ns,
+                "iptables",
+                op,
+                "OUTPUT",
+            ])
+            .args([
+                "-d",
+                "198.51.100.1",
+                "-p",
+                "tcp",
+                "--dport",
+                "2379",
+                "-j",
+                "DROP",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success(), "iptables {op}");
+    };
+    rule("-A");
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(p.pid(), libc::SIGKILL) };
+    p.wait(10);
+    // Three lease lifetimes: long past the old primary's lease.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(6) {
+        let st = status(&lab.b, &slog);
+        assert!(
+            !st.contains("role:        primary"),
+            "went live without the arbiter: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rule("-D");
+    wait_until("the standby to take over once etcd answers", 20, || {
+        status(&lab.b, &slog).contains("role:        primary")
+    });
+    let so = s.wait(60);
+    let serr = String::from_utf8_lossy(&so.stderr);
+    assert_eq!(so.status.code(), Some(0), "{serr}");
+    assert!(
+        serr.contains("not going live until the arbiter's leader key is ours"),
+        "{serr}"
+    );
+    assert_counts(&lines(&sfile), N, "standby's file");
+}
+
+#[test]
+fn with_an_arbiter_the_etcd_leader_killed_causes_no_failover() {
+    let lab = Lab::new("al");
+    let (mut etcd, url) = etcd_cluster(&lab, &lab.hosts.standby_ns, "198.51.100.2", 3);
+    // The default lease (5 s): etcd's own election takes one to two.
+    let arb = arbiter_args(&url, 5000);
+    let arb: Vec<&str> = arb.iter().map(String::as_str).collect();
+    let mut p = lab.primary_with(N, &arb);
+    let (mut s, sfile, slog) = lab.standby_with(
+        "s1",
+        &lab.hosts.standby_ns,
+        "198.51.100.1:7600",
+        "198.51.100.2:7600",
+        ["ks", "kp"],
+        &arb,
+        &[],
+    );
+    following(&lab, &slog, &sfile);
+    // Find the leader and kill it.
+    let members: Vec<String> = (0..3)
+        .map(|i| format!("198.51.100.2:{}", 2379 + 100 * i))
+        .collect();
+    let st = etcd_status(&lab, &lab.hosts.standby_ns, &members[0]).expect("etcd answers");
+    let leader = st["leader"].as_str().unwrap().to_string();
+    let idx = members
+        .iter()
+        .position(|m| {
+            etcd_status(&lab, &lab.hosts.standby_ns, m)
+                .is_some_and(|v| v["header"]["member_id"].as_str() == Some(leader.as_str()))
+        })
+        .expect("the leader is a member");
+    let mut dead = Guard(etcd[idx].0.take());
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(dead.pid(), libc::SIGKILL) };
+    dead.wait(10);
+    // The program runs to its end on the primary; the standby never takes
+    // over.
+    let po = p.wait(60);
+    let perr = String::from_utf8_lossy(&po.stderr);
+    assert_eq!(po.status.code(), Some(0), "{perr}");
+    assert!(!perr.contains("LOST THE ARBITER'S LEASE"), "{perr}");
+    let so = s.wait(60);
+    let serr = String::from_utf8_lossy(&so.stderr);
+    assert_eq!(so.status.code(), Some(0), "{serr}");
+    assert!(!serr.contains("GOING LIVE"), "{serr}");
+    assert_counts(&lines(&lab.a_file()), N, "primary's file");
 }

@@ -195,7 +195,8 @@ struct NodeArgs {
     /// This node's name in the arbiter [default: HOSTNAME-PID].
     #[arg(long)]
     node_name: Option<String>,
-    /// The leader key's lease [default: 3000; at least 2000].
+    /// The leader key's lease [default: 5000; at least 2000; keep it above
+    /// 3 × etcd's election timeout so an etcd leader change is ridden out].
     #[arg(long)]
     arbiter_ttl_ms: Option<u64>,
 }
@@ -258,12 +259,15 @@ impl NodeArgs {
             peer_cert: need(self.peer_cert.or(f.peer_cert), "peer-cert", "peer_cert")?,
         };
         if let Some(url) = self.arbiter.or(f.arbiter) {
-            let ttl = self.arbiter_ttl_ms.or(f.arbiter_ttl_ms).unwrap_or(3000);
+            let ttl = self.arbiter_ttl_ms.or(f.arbiter_ttl_ms).unwrap_or(5000);
             if ttl < 2000 {
                 anyhow::bail!("--arbiter-ttl-ms must be at least 2000 (etcd's shortest lease is about 1.5 s; got {ttl})");
             }
             let ttl = std::time::Duration::from_millis(ttl);
-            let etcd = node::arbiter::Etcd::parse(&url, ttl / 6)?;
+            let etcd = node::arbiter::Etcd::parse(
+                &url,
+                (ttl / 10).max(std::time::Duration::from_millis(200)),
+            )?;
             let name = self.node_name.or(f.node_name).unwrap_or_else(|| {
                 let h = nix::unistd::gethostname()
                     .map(|h| h.to_string_lossy().into_owned())

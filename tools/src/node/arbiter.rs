@@ -4,9 +4,11 @@
 //! output; the key lives only as long as its holder renews the lease.
 //!
 //! Timing rule (Patroni's `loop_wait + 2 × retry_timeout ≤ ttl`): the
-//! holder renews every `ttl / 3`, each request bounded by `ttl / 6`, and
-//! counts its lease as valid only until `last renewal sent + ttl − ttl/6`:
-//! it stops releasing output before etcd can let anybody else take the key.
+//! holder renews every `ttl / 4` (every 100 ms after a failure), each
+//! request bounded by `ttl / 10` per member, and counts its lease as valid
+//! only until `last renewal sent + ttl − ttl/6`; a watchdog stops output at
+//! that instant even while a renewal is in flight, so the holder stops
+//! before etcd can let anybody else take the key.
 //!
 //! With `--arbiter`, `run` takes the key before it starts the program (and
 //! refuses to start while another node holds it), a standby that lost its
@@ -43,10 +45,13 @@ fn int(v: &Value) -> i64 {
 type Kv = (Vec<u8>, i64);
 
 /// A client of an etcd cluster: each call tries the members in turn.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Etcd {
     members: Vec<String>,
     timeout: Duration,
+    /// The member that answered last: asked first next time (a dead or
+    /// partitioned member costs a timeout on every call otherwise).
+    preferred: std::sync::atomic::AtomicUsize,
 }
 
 impl Etcd {
@@ -69,15 +74,26 @@ impl Etcd {
                 bail!("--arbiter {url}: member {m:?} is not HOST:PORT");
             }
         }
-        Ok(Etcd { members, timeout })
+        Ok(Etcd {
+            members,
+            timeout,
+            preferred: 0.into(),
+        })
     }
 
     /// One gateway call; the first member that answers wins.
     fn call(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut why = Vec::new();
-        for m in &self.members {
+        let first = self.preferred.load(Relaxed);
+        for k in 0..self.members.len() {
+            let i = (first + k) % self.members.len();
+            let m = &self.members[i];
             match post(m, path, &body.to_string(), self.timeout) {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.preferred.store(i, Relaxed);
+                    return Ok(v);
+                }
                 Err(e) => why.push(format!("{m}: {e:#}")),
             }
         }
@@ -308,9 +324,9 @@ impl Leadership {
         Ok(())
     }
 
-    /// Renewal period and per-request bound of the timing rule.
+    /// Renewal period of the timing rule.
     pub fn loop_wait(&self) -> Duration {
-        self.ttl / 3
+        self.ttl / 4
     }
 }
 
@@ -324,11 +340,6 @@ fn arbiter() -> std::sync::MutexGuard<'static, Option<Leadership>> {
 /// Configure the arbiter for this process.
 pub fn install(l: Leadership) {
     *arbiter() = Some(l);
-}
-
-/// Whether an arbiter is configured.
-pub fn configured() -> bool {
-    arbiter().is_some()
 }
 
 /// Primary at start: take the key or refuse to run.
@@ -380,34 +391,51 @@ pub fn wait_for_key() {
     }
 }
 
-/// The holder: renew every `loop_wait` from a thread of its own; when the
-/// lease could not be renewed in time, stop releasing output (`fence`)
-/// and exit with `code`: another node may hold the key from then on.
+/// Until when the holder may release output (for the watchdog).
+static VALID_UNTIL: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+
+fn set_valid_until(u: Option<Instant>) {
+    *VALID_UNTIL.lock().unwrap_or_else(|e| e.into_inner()) = u;
+}
+
+/// The holder: a renewal thread (every `loop_wait`, every 100 ms after a
+/// failure, each call bounded) and a watchdog that does not wait for a
+/// renewal in flight: once the lease's trusted window ends it stops
+/// releasing output (`fence`) and exits with `code` — another node may
+/// hold the key from then on.
 pub fn hold(fence: Box<dyn Fn() + Send>, code: i32) -> anyhow::Result<()> {
-    if !configured() {
-        return Ok(());
-    }
+    let first = match arbiter().as_ref() {
+        None => return Ok(()),
+        Some(l) => l.valid_until(),
+    };
+    set_valid_until(first);
     std::thread::Builder::new()
         .name("arbiter".into())
         .spawn(move || loop {
-            let (wait, until) = {
+            let (ok, wait) = {
                 let mut a = arbiter();
                 let Some(l) = a.as_mut() else { return };
-                if let Err(e) = l.renew() {
+                let r = l.renew();
+                if let Err(e) = &r {
                     tracing::warn!("renewing the arbiter's lease: {e:#}");
                 }
-                (l.loop_wait(), l.valid_until())
+                set_valid_until(l.valid_until());
+                (r.is_ok(), l.loop_wait())
             };
-            // The next renewal would come after the lease may have ended:
-            // stop now, while it is still ours.
-            if until.is_none_or(|u| Instant::now() + wait >= u) {
+            std::thread::sleep(if ok { wait } else { Duration::from_millis(100) });
+        })?;
+    std::thread::Builder::new()
+        .name("arbiter-watch".into())
+        .spawn(move || loop {
+            let until = *VALID_UNTIL.lock().unwrap_or_else(|e| e.into_inner());
+            if until.is_none_or(|u| Instant::now() >= u) {
                 fence();
                 tracing::error!(
                     "LOST THE ARBITER'S LEASE: this primary stops releasing output and steps down"
                 );
                 std::process::exit(code);
             }
-            std::thread::sleep(wait);
+            std::thread::sleep(Duration::from_millis(20));
         })?;
     Ok(())
 }
@@ -463,7 +491,7 @@ mod tests {
         let t = Instant::now();
         l.renewed = Some(t);
         assert_eq!(l.valid_until(), Some(t + Duration::from_secs(5)));
-        assert_eq!(l.loop_wait(), Duration::from_secs(2));
+        assert_eq!(l.loop_wait(), Duration::from_millis(1500));
         // Nobody answers on port 1: the error says so, the lease is not
         // extended.
         let e = l.renew().unwrap_err().to_string();
