@@ -1566,3 +1566,35 @@ fn with_an_arbiter_the_etcd_leader_killed_causes_no_failover() {
     assert!(!serr.contains("GOING LIVE"), "{serr}");
     assert_counts(&lines(&lab.a_file()), N, "primary's file");
 }
+
+#[test]
+fn with_an_arbiter_a_paused_primary_steps_down_when_it_wakes() {
+    let lab = Lab::new("ap");
+    let _etcd = etcd_on_standby(&lab);
+    let arb = arbiter_args("etcd://198.51.100.2:2379", 2000);
+    let arb: Vec<&str> = arb.iter().map(String::as_str).collect();
+    let mut p = lab.primary_with(N, &arb);
+    let (mut s, sfile, slog) = lab.standby_with(
+        "s1",
+        &lab.hosts.standby_ns,
+        "198.51.100.1:7600",
+        "198.51.100.2:7600",
+        ["ks", "kp"],
+        &arb,
+        &[],
+    );
+    following(&lab, &slog, &sfile);
+    let paused = pause(&p);
+    wait_until("the standby to take the key and go live", 30, || {
+        status(&lab.b, &slog).contains("role:        primary")
+    });
+    resume(&paused);
+    let po = p.wait(20);
+    let perr = String::from_utf8_lossy(&po.stderr);
+    assert_eq!(po.status.code(), Some(75), "{perr}");
+    assert!(perr.contains("LOST THE ARBITER'S LEASE"), "{perr}");
+    let so = s.wait(60);
+    let serr = String::from_utf8_lossy(&so.stderr);
+    assert_eq!(so.status.code(), Some(0), "{serr}");
+    assert_counts(&lines(&sfile), N, "standby's file");
+}
