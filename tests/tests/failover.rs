@@ -1368,6 +1368,24 @@ fn arbiter_args(url: &str, ttl_ms: u32) -> Vec<String> {
 fn with_an_arbiter_a_cut_off_primary_steps_down_before_the_standby_goes_live() {
     let lab = Lab::new("ar");
     let _etcd = etcd_on_standby(&lab);
+    // The service's history in the arbiter: epoch 7 ("Nw==", base64 of
+    // "7", under /hotstandby/counter/epoch).
+    let epoch_key = "L2hvdHN0YW5kYnkvY291bnRlci9lcG9jaA==";
+    let etcd = |call: &str, body: String| -> serde_json::Value {
+        let o = lab
+            .hosts
+            .cmd(&lab.hosts.primary_ns, Path::new("curl"))
+            .args(["-sf", "--max-time", "5", "-X", "POST"])
+            .arg(format!("http://198.51.100.2:2379/v3/kv/{call}"))
+            .args(["-d", &body])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    etcd(
+        "put",
+        format!("{{\"key\":\"{epoch_key}\",\"value\":\"Nw==\"}}"),
+    );
     let arb = arbiter_args("etcd://198.51.100.2:2379", 2000);
     let arb: Vec<&str> = arb.iter().map(String::as_str).collect();
     let mut p = lab.primary_with(N, &arb);
@@ -1381,6 +1399,11 @@ fn with_an_arbiter_a_cut_off_primary_steps_down_before_the_standby_goes_live() {
         &[],
     );
     following(&lab, &slog, &sfile);
+    let st = status(&lab.b, &lab.dir.join("lp"));
+    assert!(
+        st.contains("role:        primary (epoch 7)"),
+        "the arbiter's epoch: {st}"
+    );
 
     // A second primary for the same service is refused while the key is held.
     let o = lab
@@ -1441,6 +1464,16 @@ fn with_an_arbiter_a_cut_off_primary_steps_down_before_the_standby_goes_live() {
         live_at - cut
     );
     lab.hosts.partition(false);
+    let st = status(&lab.b, &slog);
+    assert!(
+        st.contains("role:        primary (epoch 8)"),
+        "one above the arbiter's: {st}"
+    );
+    let kv = etcd("range", format!("{{\"key\":\"{epoch_key}\"}}"));
+    assert_eq!(
+        kv["kvs"][0]["value"], "OA==",
+        "epoch 8 in the arbiter: {kv}"
+    );
     let so = s.wait(60);
     let serr = String::from_utf8_lossy(&so.stderr);
     assert_eq!(so.status.code(), Some(0), "{serr}");

@@ -123,6 +123,18 @@ impl Etcd {
         Ok(())
     }
 
+    /// The value of `key` and its modification revision, if it exists.
+    pub fn get(&self, key: &[u8]) -> anyhow::Result<Option<Kv>> {
+        let v = self.call("/v3/kv/range", &json!({ "key": b64(key) }))?;
+        match v["kvs"].as_array().and_then(|a| a.first()) {
+            Some(kv) => Ok(Some((
+                unb64(kv["value"].as_str().unwrap_or(""))?,
+                int(&kv["mod_revision"]),
+            ))),
+            None => Ok(None),
+        }
+    }
+
     /// Put `key` = `value` (attached to `lease`, 0: none) only if `key`'s
     /// modification revision is `rev` (0: only if it does not exist).
     /// Ok(None) when written, Ok(Some(current)) when the comparison failed.
@@ -438,6 +450,55 @@ pub fn hold(fence: Box<dyn Fn() + Send>, code: i32) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         })?;
     Ok(())
+}
+
+/// The epoch this node serves, kept in the arbiter: at least `local`, and
+/// above every epoch the arbiter has seen when `takeover`. Written with a
+/// compare-and-set on the key's revision, so two nodes never pick the same
+/// epoch. `local` unchanged without an arbiter.
+pub fn epoch(local: u64, takeover: bool) -> anyhow::Result<u64> {
+    let a = arbiter();
+    let Some(l) = a.as_ref() else {
+        return Ok(local);
+    };
+    let key = format!(
+        "/hotstandby/{}/epoch",
+        String::from_utf8_lossy(&l.key)
+            .trim_start_matches("/hotstandby/")
+            .trim_end_matches("/leader")
+    )
+    .into_bytes();
+    loop {
+        let cur = l
+            .etcd
+            .get(&key)
+            .context("reading the epoch in the arbiter")?;
+        let (seen, rev) = match &cur {
+            Some((v, rev)) => (
+                String::from_utf8_lossy(v)
+                    .trim()
+                    .parse::<u64>()
+                    .with_context(|| format!("the arbiter's epoch key holds {v:?}"))?,
+                *rev,
+            ),
+            None => (0, 0),
+        };
+        let want = if takeover {
+            local.max(seen + 1)
+        } else {
+            local.max(seen)
+        };
+        if cur.is_some() && want == seen {
+            return Ok(want);
+        }
+        match l.etcd.put_if(&key, rev, want.to_string().as_bytes(), 0)? {
+            None => {
+                tracing::info!("epoch {want} kept in the arbiter");
+                return Ok(want);
+            }
+            Some(_) => continue, // somebody else wrote it first: look again
+        }
+    }
 }
 
 /// Renew now and say whether this node may still act as the holder

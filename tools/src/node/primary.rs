@@ -383,7 +383,18 @@ pub fn run(
         .spawn(move || hotstandby_recorder::record(&opts))?;
     let finished = || rec.is_finished();
     let net = vip.as_ref().zip(guard.as_ref().map(|g| g.gate.clone()));
-    let stepped_down = rt.block_on(serve(ep, &log, cfg, 1, vec![], throttle, &finished, net))?;
+    // The epoch: the newest this node knew, or the arbiter's.
+    let epoch = super::arbiter::epoch(super::read_epoch(&log).max(1), false)?;
+    let stepped_down = rt.block_on(serve(
+        ep,
+        &log,
+        cfg,
+        epoch,
+        vec![],
+        throttle,
+        &finished,
+        net,
+    ))?;
     if stepped_down {
         if let Some(g) = guard {
             g.step_down();

@@ -479,9 +479,11 @@ fn lost(log: &Path, session: &Standby, feed: &LiveFeed) -> anyhow::Result<u64> {
     // With an arbiter: not before this node holds the leader key (the old
     // primary's lease is over, so it no longer releases anything).
     super::arbiter::wait_for_key();
-    save_epoch(log, session.epoch())?;
+    // With an arbiter, the epoch is the one it hands out (above any it saw).
+    let epoch = super::arbiter::epoch(session.epoch(), true)?;
+    save_epoch(log, epoch)?;
     feed.lost_ms
         .store(hotstandby_netguard::tcp::wall_ms(), Relaxed);
     feed.lost.store(true, Relaxed);
-    Ok(session.epoch())
+    Ok(epoch)
 }
