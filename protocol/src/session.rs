@@ -37,6 +37,9 @@ pub struct Config {
     pub max_unacked: u64,
     /// Largest log chunk per message.
     pub chunk: u64,
+    /// Standbys that must hold the log before output is released (the
+    /// quorum; all that caught up, when fewer are connected).
+    pub sync_standbys: usize,
 }
 
 impl Default for Config {
@@ -46,6 +49,7 @@ impl Default for Config {
             timeout: Duration::from_millis(300),
             max_unacked: 64 << 20,
             chunk: 256 << 10,
+            sync_standbys: 1,
         }
     }
 }
@@ -98,9 +102,10 @@ pub enum Transmit {
 pub enum PrimaryState {
     /// No standby connected: serving unprotected.
     Unprotected,
-    /// A standby is connected and catching up from `resume_offset`.
+    /// Standbys are connected but none has caught up yet.
     CatchingUp,
-    /// A standby holds the log up to within `max_unacked`.
+    /// The sync standbys (`Config::sync_standbys`, or all that caught up
+    /// if fewer) hold the log up to within `max_unacked`.
     Protected,
     /// A newer primary exists: this one must stop.
     SteppedDown,
@@ -120,27 +125,45 @@ pub struct Status {
     pub log_bytes: u64,
 }
 
+/// A standby of the primary, as the driver names it (one per connection).
+pub type PeerId = u64;
+
+/// One standby as the primary sees it (`Primary::standbys`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub id: PeerId,
+    /// Bytes it acknowledged.
+    pub acked: u64,
+    /// It caught up once, and counts toward the sync quorum.
+    pub caught_up: bool,
+    pub last_heard: Duration,
+}
+
 #[derive(Debug)]
 struct Peer {
     last_heard: Instant,
     hello_done: bool,
+    sent: u64,
+    acked: u64,
+    caught_up: bool,
+    next_heartbeat: Instant,
 }
 
-/// The primary's side of the session.
+/// The primary's side of the session: any number of standbys, each with
+/// its own position in the log; output is released at the quorum mark.
 #[derive(Debug)]
 pub struct Primary {
     cfg: Config,
     epoch: u64,
     exe_sha256: [u8; 32],
     log_end: u64,
-    sent: u64,
-    acked: u64,
-    peer: Option<Peer>,
-    next_heartbeat: Option<Instant>,
+    peers: std::collections::BTreeMap<PeerId, Peer>,
+    /// The quorum's acknowledged mark; never goes back.
+    released: u64,
     state: PrimaryState,
     /// The primaries of this log before this one (told to each standby).
     former: Vec<std::net::SocketAddr>,
-    out: std::collections::VecDeque<Transmit>,
+    out: std::collections::VecDeque<(PeerId, Transmit)>,
 }
 
 impl Primary {
@@ -150,10 +173,8 @@ impl Primary {
             epoch,
             exe_sha256,
             log_end: 0,
-            sent: 0,
-            acked: 0,
-            peer: None,
-            next_heartbeat: None,
+            peers: Default::default(),
+            released: 0,
             state: PrimaryState::Unprotected,
             former: Vec::new(),
             out: Default::default(),
@@ -174,9 +195,77 @@ impl Primary {
         self.epoch
     }
 
-    /// Bytes the standby has acknowledged.
+    /// The log position every byte below which the sync standbys hold: the
+    /// `sync_standbys`-th highest acknowledgement among the standbys that
+    /// caught up (all of them when fewer did). Never goes back.
     pub fn acked(&self) -> u64 {
-        self.acked
+        self.released
+    }
+
+    /// The mark the program is slowed against: the quorum's, or while no
+    /// standby caught up yet, the most advanced connected one's.
+    pub fn throttle_mark(&self) -> u64 {
+        match self.quorum() {
+            Some(q) => q,
+            None => self
+                .peers
+                .values()
+                .filter(|p| p.hello_done)
+                .map(|p| p.acked)
+                .max()
+                .unwrap_or(self.log_end),
+        }
+    }
+
+    /// Standbys past their hello.
+    pub fn connected(&self) -> usize {
+        self.peers.values().filter(|p| p.hello_done).count()
+    }
+
+    /// Each connected standby.
+    pub fn standbys(&self, now: Instant) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.hello_done)
+            .map(|(id, p)| PeerStatus {
+                id: *id,
+                acked: p.acked,
+                caught_up: p.caught_up,
+                last_heard: now.saturating_duration_since(p.last_heard),
+            })
+            .collect()
+    }
+
+    fn quorum(&self) -> Option<u64> {
+        let mut acks: Vec<u64> = self
+            .peers
+            .values()
+            .filter(|p| p.caught_up)
+            .map(|p| p.acked)
+            .collect();
+        if acks.is_empty() {
+            return None;
+        }
+        acks.sort_unstable_by(|a, b| b.cmp(a));
+        let k = self.cfg.sync_standbys.clamp(1, acks.len());
+        Some(acks[k - 1])
+    }
+
+    fn update(&mut self) {
+        let q = self.quorum();
+        if let Some(q) = q {
+            self.released = self.released.max(q);
+        }
+        if self.state == PrimaryState::SteppedDown {
+            return;
+        }
+        self.state = if q.is_some() {
+            PrimaryState::Protected
+        } else if self.connected() > 0 {
+            PrimaryState::CatchingUp
+        } else {
+            PrimaryState::Unprotected
+        };
     }
 
     /// The log now holds `end` bytes.
@@ -184,29 +273,37 @@ impl Primary {
         self.log_end = self.log_end.max(end);
     }
 
-    /// An authenticated standby connected.
-    pub fn handle_connected(&mut self, now: Instant) {
-        self.peer = Some(Peer {
-            last_heard: now,
-            hello_done: false,
-        });
-        self.out.clear();
-        self.next_heartbeat = Some(now);
+    /// An authenticated standby connected as `id`.
+    pub fn handle_connected(&mut self, id: PeerId, now: Instant) {
+        self.out.retain(|(p, _)| *p != id);
+        self.peers.insert(
+            id,
+            Peer {
+                last_heard: now,
+                hello_done: false,
+                sent: 0,
+                acked: 0,
+                caught_up: false,
+                next_heartbeat: now,
+            },
+        );
     }
 
-    /// The standby's connection is gone.
-    pub fn handle_disconnected(&mut self) {
-        self.peer = None;
-        self.out.clear();
-        self.next_heartbeat = None;
-        if self.state != PrimaryState::SteppedDown {
-            self.state = PrimaryState::Unprotected;
-        }
+    /// The standby `id`'s connection is gone.
+    pub fn handle_disconnected(&mut self, id: PeerId) {
+        self.peers.remove(&id);
+        self.out.retain(|(p, _)| *p != id);
+        self.update();
     }
 
-    /// A message from the standby (stream or datagram).
-    pub fn handle_message(&mut self, msg: Message, now: Instant) -> Result<(), SessionError> {
-        let Some(peer) = self.peer.as_mut() else {
+    /// A message from standby `id` (stream or datagram).
+    pub fn handle_message(
+        &mut self,
+        id: PeerId,
+        msg: Message,
+        now: Instant,
+    ) -> Result<(), SessionError> {
+        let Some(peer) = self.peers.get_mut(&id) else {
             return Err(SessionError::Unexpected("message without a connection"));
         };
         peer.last_heard = now;
@@ -232,24 +329,25 @@ impl Primary {
                     return Err(SessionError::Unexpected("second hello"));
                 }
                 if version_max < VERSION_MIN || version_min > VERSION_MAX {
-                    self.refuse("no common protocol version");
+                    self.refuse(id, "no common protocol version");
                     return Err(SessionError::Version {
                         min: version_min,
                         max: version_max,
                     });
                 }
                 if role != Role::Standby {
-                    self.refuse("both nodes are primaries");
+                    self.refuse(id, "both nodes are primaries");
                     return Err(SessionError::SameRole(role));
                 }
                 // All zeros: the standby has no log yet and checks the
                 // program identity in the log header itself.
                 if exe_sha256 != [0; 32] && exe_sha256 != self.exe_sha256 {
-                    self.refuse("the standby's log directory holds a different log (another program or another run); give the standby an empty log directory");
+                    self.refuse(id, "the standby's log directory holds a different log (another program or another run); give the standby an empty log directory");
                     return Err(SessionError::WrongProgram);
                 }
                 if resume_offset > self.log_end {
                     self.refuse(
+                        id,
                         "the standby's log is longer than the primary's: it belongs to another run",
                     );
                     return Err(SessionError::ResumeBeyondEnd {
@@ -258,35 +356,40 @@ impl Primary {
                     });
                 }
                 peer.hello_done = true;
-                self.sent = resume_offset;
-                self.acked = resume_offset;
-                self.state = PrimaryState::CatchingUp;
-                self.out.push_back(Transmit::Stream(Message::Hello {
-                    version_min: VERSION_MIN,
-                    version_max: VERSION_MAX,
-                    role: Role::Primary,
-                    epoch: self.epoch,
-                    resume_offset,
-                    exe_sha256: self.exe_sha256,
-                }));
-                self.out.push_back(Transmit::Stream(Message::Former {
-                    addrs: self.former.clone(),
-                }));
+                peer.sent = resume_offset;
+                peer.acked = resume_offset;
+                self.out.push_back((
+                    id,
+                    Transmit::Stream(Message::Hello {
+                        version_min: VERSION_MIN,
+                        version_max: VERSION_MAX,
+                        role: Role::Primary,
+                        epoch: self.epoch,
+                        resume_offset,
+                        exe_sha256: self.exe_sha256,
+                    }),
+                ));
+                self.out.push_back((
+                    id,
+                    Transmit::Stream(Message::Former {
+                        addrs: self.former.clone(),
+                    }),
+                ));
+                self.update();
                 Ok(())
             }
             Message::Ack { offset } => {
-                if offset > self.sent {
+                if offset > peer.sent {
                     return Err(SessionError::AckBeyondSent {
                         acked: offset,
-                        sent: self.sent,
+                        sent: peer.sent,
                     });
                 }
-                self.acked = self.acked.max(offset);
-                if self.state == PrimaryState::CatchingUp
-                    && self.log_end - self.acked <= self.cfg.max_unacked / 2
-                {
-                    self.state = PrimaryState::Protected;
+                peer.acked = peer.acked.max(offset);
+                if !peer.caught_up && self.log_end - peer.acked <= self.cfg.max_unacked / 2 {
+                    peer.caught_up = true;
                 }
+                self.update();
                 Ok(())
             }
             Message::Heartbeat { role, epoch, .. } => {
@@ -301,63 +404,79 @@ impl Primary {
         }
     }
 
-    fn refuse(&mut self, why: &str) {
+    fn refuse(&mut self, id: PeerId, why: &str) {
         self.out
-            .push_back(Transmit::Stream(Message::Refuse { reason: why.into() }));
+            .push_back((id, Transmit::Stream(Message::Refuse { reason: why.into() })));
     }
 
-    /// Something to send now, if any.
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+    /// Something to send now, and to which standby, if any.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<(PeerId, Transmit)> {
         if let Some(t) = self.out.pop_front() {
             return Some(t);
         }
-        let peer = self.peer.as_ref()?;
-        if let Some(hb) = self.next_heartbeat {
-            if now >= hb {
-                self.next_heartbeat = Some(now + self.cfg.heartbeat);
-                return Some(Transmit::Datagram(Message::Heartbeat {
-                    role: Role::Primary,
-                    epoch: self.epoch,
-                    sent_ms: 0,
-                    offset: self.log_end,
-                }));
+        for (id, peer) in self.peers.iter_mut() {
+            if now >= peer.next_heartbeat {
+                peer.next_heartbeat = now + self.cfg.heartbeat;
+                return Some((
+                    *id,
+                    Transmit::Datagram(Message::Heartbeat {
+                        role: Role::Primary,
+                        epoch: self.epoch,
+                        sent_ms: 0,
+                        offset: self.log_end,
+                    }),
+                ));
             }
         }
-        if peer.hello_done && self.sent < self.log_end && self.state != PrimaryState::SteppedDown {
-            let len = (self.log_end - self.sent).min(self.cfg.chunk);
-            let t = Transmit::LogRange {
-                offset: self.sent,
-                len,
-            };
-            self.sent += len;
-            return Some(t);
+        if self.state == PrimaryState::SteppedDown {
+            return None;
         }
-        None
+        // The standbys that caught up first (output waits on them), then
+        // the one furthest behind: a standby catching up on a long log
+        // never delays the others' bytes.
+        let (id, peer) = self
+            .peers
+            .iter_mut()
+            .filter(|(_, p)| p.hello_done && p.sent < self.log_end)
+            .min_by_key(|(_, p)| (!p.caught_up, p.sent))?;
+        let len = (self.log_end - peer.sent).min(self.cfg.chunk);
+        let t = Transmit::LogRange {
+            offset: peer.sent,
+            len,
+        };
+        peer.sent += len;
+        Some((*id, t))
     }
 
     /// When `handle_timeout` must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let peer = self.peer.as_ref()?;
-        let dead = peer.last_heard + self.cfg.timeout;
-        Some(self.next_heartbeat.map_or(dead, |h| h.min(dead)))
+        self.peers
+            .values()
+            .map(|p| (p.last_heard + self.cfg.timeout).min(p.next_heartbeat))
+            .min()
     }
 
-    /// Time passed; returns true when the standby was declared lost (the
-    /// driver closes the connection; the primary goes on unprotected).
-    pub fn handle_timeout(&mut self, now: Instant) -> bool {
-        if let Some(p) = &self.peer {
-            if now.saturating_duration_since(p.last_heard) >= self.cfg.timeout {
-                self.handle_disconnected();
-                return true;
-            }
+    /// Time passed; returns the standbys declared lost (the driver closes
+    /// their connections; with none left the primary goes on unprotected).
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<PeerId> {
+        let lost: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.last_heard) >= self.cfg.timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &lost {
+            self.handle_disconnected(*id);
         }
-        false
+        lost
     }
 
     /// True when the program must be slowed: a standby is connected and
-    /// holds too little of the log. With no standby the primary serves on.
+    /// the quorum holds too little of the log. With no standby the primary
+    /// serves on.
     pub fn should_throttle(&self) -> bool {
-        self.peer.is_some() && self.log_end.saturating_sub(self.acked) > self.cfg.max_unacked
+        self.connected() > 0
+            && self.log_end.saturating_sub(self.throttle_mark()) > self.cfg.max_unacked
     }
 
     pub fn status(&self, now: Instant) -> Status {
@@ -365,15 +484,16 @@ impl Primary {
             role: Role::Primary,
             state: format!("{:?}", self.state),
             epoch: self.epoch,
-            lag_bytes: if self.peer.is_some() {
-                self.log_end - self.acked
+            lag_bytes: if self.connected() > 0 {
+                self.log_end.saturating_sub(self.throttle_mark())
             } else {
                 0
             },
             last_heard: self
-                .peer
-                .as_ref()
-                .map(|p| now.saturating_duration_since(p.last_heard)),
+                .peers
+                .values()
+                .map(|p| now.saturating_duration_since(p.last_heard))
+                .max(),
             log_bytes: self.log_end,
         }
     }
@@ -449,6 +569,14 @@ impl Standby {
     /// it never goes back below it.
     pub fn know_epoch(&mut self, epoch: u64) {
         self.epoch = self.epoch.max(epoch);
+    }
+
+    /// There is a primary to take over from (this node followed it or
+    /// the arbiter named it) although no hello came yet: if it stays
+    /// silent for the timeout from `now`, it is lost.
+    pub fn expect_primary(&mut self, now: Instant) {
+        self.followed = true;
+        self.last_heard = Some(now);
     }
 
     pub fn handle_connected(&mut self, now: Instant) {

@@ -528,6 +528,13 @@ impl EventCursor {
 
     /// Map the file again if it grew; true when there are new bytes.
     pub fn refresh(&mut self) -> Result<bool, LogError> {
+        self.refresh_capped(u64::MAX)
+    }
+
+    /// As [`Self::refresh`], looking at no more than `cap` bytes of the
+    /// file: a standby that must cut its log (a new primary continues it
+    /// from an earlier frame) first makes its reader stop short of the cut.
+    pub fn refresh_capped(&mut self, cap: u64) -> Result<bool, LogError> {
         let len = self
             .file
             .metadata()
@@ -535,7 +542,8 @@ impl EventCursor {
                 path: self.path.clone(),
                 source,
             })?
-            .len() as usize;
+            .len()
+            .min(cap) as usize;
         if len == self.len {
             return Ok(false);
         }
@@ -552,6 +560,11 @@ impl EventCursor {
         }
         self.len = len;
         Ok(true)
+    }
+
+    /// Bytes of the file this cursor looks at (as of the last refresh).
+    pub fn visible(&self) -> u64 {
+        self.len as u64
     }
 
     fn next_record(&mut self) -> Result<Option<Record>, LogError> {

@@ -89,6 +89,33 @@ pub struct LiveFeed {
     pub position: std::sync::atomic::AtomicU64,
     /// Wall clock (ms since the epoch) when the primary was declared lost.
     pub lost_ms: std::sync::atomic::AtomicU64,
+    /// Non-zero: read no further than this many bytes of the log (the
+    /// standby is about to cut it there; see `cut_log` in the node).
+    pub hold_at: std::sync::atomic::AtomicU64,
+    /// Bytes of the log the replay looked at, as of its last refresh.
+    pub seen: std::sync::atomic::AtomicU64,
+    /// Held while the replay refreshes its view of the log and publishes
+    /// `seen`: a standby that set `hold_at` and then reads `seen` under
+    /// it knows every later refresh stops at `hold_at`.
+    pub refresh_lock: std::sync::Mutex<()>,
+}
+
+impl LiveFeed {
+    fn cap(&self) -> u64 {
+        match self.hold_at.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => u64::MAX,
+            n => n,
+        }
+    }
+
+    /// Look at the log again, no further than `hold_at`, and say how far.
+    fn refresh(&self, src: &mut EventCursor) -> Result<bool, LogError> {
+        let _g = self.refresh_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let r = src.refresh_capped(self.cap());
+        self.seen
+            .store(src.visible(), std::sync::atomic::Ordering::SeqCst);
+        r
+    }
 }
 
 /// A replay that reached the end of its log.
@@ -337,12 +364,13 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
     // may not hold it yet.
     let mut first = src.get(0)?.map(|e| e.tid());
     if let Some(feed) = &opts.live {
+        feed.refresh(&mut src)?;
         while first.is_none()
             && !feed.lost.load(std::sync::atomic::Ordering::Relaxed)
             && src.trailer().is_none()
         {
             std::thread::sleep(std::time::Duration::from_millis(1));
-            src.refresh()?;
+            feed.refresh(&mut src)?;
             first = src.get(0)?.map(|e| e.tid());
         }
     }
@@ -658,7 +686,7 @@ impl Engine<'_> {
                 return Ok(None);
             }
             std::thread::sleep(std::time::Duration::from_micros(200));
-            self.src.refresh()?;
+            feed.refresh(&mut self.src)?;
         }
     }
 

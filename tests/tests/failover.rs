@@ -101,8 +101,11 @@ impl Lab {
             .arg(self.dir.join("kp/node.crt"))
             .arg("--key")
             .arg(self.dir.join("kp/node.key"))
-            .arg("--peer-cert")
-            .arg(self.dir.join("ks/node.crt"))
+            .args(if extra.contains(&"--peer-cert") {
+                vec![]
+            } else {
+                vec!["--peer-cert".into(), self.dir.join("ks/node.crt")]
+            })
             .arg("--data-dir")
             .arg(&self.a)
             .arg("--")
@@ -165,8 +168,14 @@ impl Lab {
             .arg(self.dir.join(format!("{}/node.crt", keys[0])))
             .arg("--key")
             .arg(self.dir.join(format!("{}/node.key", keys[0])))
-            .arg("--peer-cert")
-            .arg(self.dir.join(format!("{}/node.crt", keys[1])))
+            .args(if extra.contains(&"--peer-cert") {
+                vec![]
+            } else {
+                vec![
+                    "--peer-cert".into(),
+                    self.dir.join(format!("{}/node.crt", keys[1])),
+                ]
+            })
             .arg("--data-dir")
             .arg(&data)
             .envs(env.iter().copied())
@@ -1630,4 +1639,143 @@ fn with_an_arbiter_a_paused_primary_steps_down_when_it_wakes() {
     let serr = String::from_utf8_lossy(&so.stderr);
     assert_eq!(so.status.code(), Some(0), "{serr}");
     assert_counts(&lines(&sfile), N, "standby's file");
+}
+
+#[test]
+fn with_an_arbiter_two_standbys_one_takes_over_and_the_other_follows_it_without_starting_over() {
+    let lab = Lab::new("a2");
+    let _etcd = etcd_on_standby(&lab);
+    // A third node's keys; each node pins the other two (a PEM file of
+    // both certificates).
+    let st = Command::new(&lab.b)
+        .args(["keygen", "--out"])
+        .arg(lab.dir.join("kt"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cert = |k: &str| std::fs::read_to_string(lab.dir.join(format!("{k}/node.crt"))).unwrap();
+    for (file, a, b) in [("kp", "ks", "kt"), ("ks", "kp", "kt"), ("kt", "kp", "ks")] {
+        std::fs::write(
+            lab.dir.join(format!("{file}/peers.pem")),
+            cert(a) + &cert(b),
+        )
+        .unwrap();
+    }
+    let arb = arbiter_args("etcd://198.51.100.2:2379", 2000);
+    let mut popts: Vec<&str> = arb.iter().map(String::as_str).collect();
+    popts.extend(["--sync-standbys", "2", "--peer-cert"]);
+    let ppeers = lab.dir.join("kp/peers.pem");
+    popts.push(ppeers.to_str().unwrap());
+    // The counter runs long enough to outlive the failover.
+    let mut p = lab.primary_with(N * 3, &popts);
+    let standby = |name: &str, listen: &str, keys: &str| {
+        let mut o: Vec<String> = arb.clone();
+        o.extend(["--node-name".into(), name.into(), "--peer-cert".into()]);
+        o.push(
+            lab.dir
+                .join(format!("{keys}/peers.pem"))
+                .display()
+                .to_string(),
+        );
+        let o: Vec<&str> = o.iter().map(String::as_str).collect();
+        lab.standby_with(
+            name,
+            &lab.hosts.standby_ns,
+            "198.51.100.1:7600",
+            listen,
+            [keys, "kp"],
+            &o,
+            &[],
+        )
+    };
+    let (s1, f1, log1) = standby("s1", "198.51.100.2:7600", "ks");
+    let (s2, f2, log2) = standby("s2", "198.51.100.2:7601", "kt");
+    following(&lab, &log1, &f1);
+    following(&lab, &log2, &f2);
+    wait_until("the primary to stream to both standbys", 20, || {
+        let v = status_json(&lab, &lab.dir.join("lp"));
+        let sb = &v["primary"]["standbys"];
+        sb.as_array()
+            .is_some_and(|a| a.len() == 2 && a.iter().all(|s| s["in_quorum"] == true))
+            && v["primary"]["protection"] == "protected"
+    });
+    let v = status_json(&lab, &lab.dir.join("lp"));
+    assert_eq!(v["primary"]["sync_standbys"], 2, "{v}");
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(p.pid(), libc::SIGKILL) };
+    p.wait(10);
+    let replayed_before =
+        |log: &Path| status_json(&lab, log)["standby"]["replayed_events"].as_u64();
+    let (b1, b2) = (replayed_before(&log1), replayed_before(&log2));
+    // One of them takes the key and goes live; the other follows it.
+    let mut winner = None;
+    wait_until("a standby to go live", 30, || {
+        for (i, log) in [&log1, &log2].into_iter().enumerate() {
+            if status(&lab.b, log).contains("role:        primary") {
+                winner = Some(i);
+            }
+        }
+        winner.is_some()
+    });
+    let w = winner.unwrap();
+    let (wlog, llog) = if w == 0 {
+        (&log1, &log2)
+    } else {
+        (&log2, &log1)
+    };
+    let waddr = ["198.51.100.2:7600", "198.51.100.2:7601"][w];
+    wait_until("the other standby to follow the new primary", 30, || {
+        let v = status_json(&lab, llog);
+        v["state"] == "Following" && v["peer"] == waddr
+    });
+    wait_until("the new primary to count its follower", 20, || {
+        status_json(&lab, wlog)["primary"]["standbys"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+    });
+    let (mut gw, mut gl) = if w == 0 { (s1, s2) } else { (s2, s1) };
+    let wo = gw.wait(120);
+    let werr = String::from_utf8_lossy(&wo.stderr);
+    assert_eq!(wo.status.code(), Some(0), "winner: {werr}");
+    assert_eq!(
+        String::from_utf8_lossy(&wo.stdout).trim(),
+        format!("done {}", N * 3)
+    );
+    let lo = gl.wait(60);
+    let lerr = String::from_utf8_lossy(&lo.stderr);
+    assert_eq!(lo.status.code(), Some(0), "follower: {lerr}");
+    assert!(lerr.contains("the new primary: following it"), "{lerr}");
+    // It resumed where it was, not from the start: the same replay went
+    // on (its event count only grew), and it asked for a tail.
+    let resumed: Vec<u64> = lerr
+        .lines()
+        .filter(|l| {
+            l.contains(&format!(
+                "connected to primary {waddr}; resuming the log at byte"
+            ))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        resumed.first().is_some_and(|b| *b > 0),
+        "the follower resumed at byte {resumed:?}: {lerr}"
+    );
+    assert!(!lerr.contains("GOING LIVE"), "{lerr}");
+    eprintln!(
+        "winner s{}; follower resumed at byte {:?}; events replayed before the failover {b1:?} / {b2:?}",
+        w + 1,
+        resumed
+    );
+    // Both copies of the log are the same bytes, and both programs wrote
+    // every count once.
+    let a = std::fs::read(wlog.join("events.hsl")).unwrap();
+    let b = std::fs::read(llog.join("events.hsl")).unwrap();
+    assert_eq!(a.len(), b.len(), "the two logs have the same length");
+    assert!(
+        a == b,
+        "the follower's log is the new primary's, byte for byte"
+    );
+    assert_counts(&lines(&f1), N * 3, "s1's file");
+    assert_counts(&lines(&f2), N * 3, "s2's file");
 }

@@ -47,6 +47,7 @@ pub struct File {
     pub service: Option<String>,
     pub node_name: Option<String>,
     pub arbiter_ttl_ms: Option<u64>,
+    pub sync_standbys: Option<usize>,
     #[serde(default)]
     pub run: Run,
     #[serde(default)]

@@ -195,6 +195,11 @@ struct NodeArgs {
     /// This node's name in the arbiter [default: HOSTNAME-PID].
     #[arg(long)]
     node_name: Option<String>,
+    /// Standbys that must hold the log before the primary releases output
+    /// [default: 1]; more than one needs --arbiter (which also lets a
+    /// primary stream to several standbys).
+    #[arg(long)]
+    sync_standbys: Option<usize>,
     /// The leader key's lease [default: 5000; at least 2000; keep it above
     /// 3 × etcd's election timeout so an etcd leader change is ridden out].
     #[arg(long)]
@@ -258,7 +263,15 @@ impl NodeArgs {
             key: need(self.key.or(f.key), "key", "key")?,
             peer_cert: need(self.peer_cert.or(f.peer_cert), "peer-cert", "peer_cert")?,
         };
-        if let Some(url) = self.arbiter.or(f.arbiter) {
+        let sync_standbys = self.sync_standbys.or(f.sync_standbys).unwrap_or(1);
+        let arbiter = self.arbiter.or(f.arbiter);
+        if sync_standbys == 0 {
+            anyhow::bail!("--sync-standbys must be at least 1");
+        }
+        if sync_standbys > 1 && arbiter.is_none() {
+            anyhow::bail!("--sync-standbys {sync_standbys} needs --arbiter: without one a primary has a single standby");
+        }
+        if let Some(url) = arbiter {
             let ttl = self.arbiter_ttl_ms.or(f.arbiter_ttl_ms).unwrap_or(5000);
             if ttl < 2000 {
                 anyhow::bail!("--arbiter-ttl-ms must be at least 2000 (etcd's shortest lease is about 1.5 s; got {ttl})");
@@ -288,6 +301,7 @@ impl NodeArgs {
             heartbeat: std::time::Duration::from_millis(heartbeat_ms),
             timeout: std::time::Duration::from_millis(timeout_ms),
             max_unacked: self.max_lag_mb.or(f.max_lag_mb).unwrap_or(64) << 20,
+            sync_standbys,
             ..Default::default()
         };
         Ok(NodeSettings {

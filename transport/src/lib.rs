@@ -1,8 +1,8 @@
 //! The QUIC transport of the replication session.
 //!
 //! - Mutual TLS where each side *pins* the other's certificate: a peer is
-//!   accepted only if its end-entity certificate is byte-for-byte the one
-//!   given with `--peer-cert`. There is no CA and no name check; anything
+//!   accepted only if its end-entity certificate is byte-for-byte one of
+//!   those given with `--peer-cert` (a PEM file of one or more). There is no CA and no name check; anything
 //!   else is refused during the handshake, before one byte of log is sent.
 //! - One bidirectional stream carries [`Message`]s in order (log bytes,
 //!   acknowledgements); QUIC datagrams carry heartbeats.
@@ -25,7 +25,7 @@ pub use rustls::pki_types::CertificateDer;
 use rustls::pki_types::PrivateKeyDer;
 use thiserror::Error;
 
-pub use quinn::{Connection, ConnectionError, Endpoint};
+pub use quinn::{Connection, ConnectionError, Endpoint, Incoming};
 
 /// Errors of the transport.
 #[derive(Debug, Error)]
@@ -117,19 +117,29 @@ pub struct NodeKeys {
     pub key: PrivateKeyDer<'static>,
 }
 
-/// Read a PEM certificate.
+/// Read a PEM certificate (the first of the file).
 pub fn load_cert(path: &Path) -> Result<CertificateDer<'static>, TransportError> {
+    Ok(load_certs(path)?.swap_remove(0))
+}
+
+/// Read every PEM certificate of a file (at least one): the peers a node
+/// accepts, e.g. a primary's two standbys, concatenated.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
     let data = std::fs::read(path).map_err(|source| TransportError::Io {
         path: path.into(),
         source,
     })?;
-    let cert = rustls_pemfile::certs(&mut data.as_slice())
-        .next()
-        .and_then(|c| c.ok());
-    cert.map(|c| c.into_owned()).ok_or(TransportError::NoPem {
-        path: path.into(),
-        what: "certificate",
-    })
+    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
+        .map_while(Result::ok)
+        .map(|c| c.into_owned())
+        .collect();
+    if certs.is_empty() {
+        return Err(TransportError::NoPem {
+            path: path.into(),
+            what: "certificate",
+        });
+    }
+    Ok(certs)
 }
 
 /// Read this node's certificate and key.
@@ -159,11 +169,11 @@ fn transport_config() -> quinn::TransportConfig {
     t
 }
 
-/// A listening endpoint that accepts only the pinned peer.
+/// A listening endpoint that accepts only the pinned peers.
 pub fn server(
     listen: SocketAddr,
     keys: &NodeKeys,
-    peer: CertificateDer<'static>,
+    peer: Vec<CertificateDer<'static>>,
 ) -> Result<Endpoint, TransportError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(pin::Pinned::new(peer, keys.cert.clone(), provider.clone()));
@@ -182,11 +192,11 @@ pub fn server(
     })
 }
 
-/// A client endpoint that presents `keys` and accepts only the pinned peer.
+/// A client endpoint that presents `keys` and accepts only the pinned peers.
 pub fn client(
     bind: SocketAddr,
     keys: &NodeKeys,
-    peer: CertificateDer<'static>,
+    peer: Vec<CertificateDer<'static>>,
 ) -> Result<Endpoint, TransportError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(pin::Pinned::new(peer, keys.cert.clone(), provider.clone()));

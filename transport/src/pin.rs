@@ -8,8 +8,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-/// Accepts exactly the pair's certificates: the pinned peer's, and this
-/// node's own (another process of the same node — a new standby on the
+/// Accepts exactly the cluster's certificates: the pinned peers' (one or
+/// more, from the `--peer-cert` file), and this node's own (another process of the same node — a new standby on the
 /// host of a paused primary tells that primary to step down).
 #[derive(Debug)]
 pub struct Pinned {
@@ -19,14 +19,13 @@ pub struct Pinned {
 
 impl Pinned {
     pub fn new(
-        peer: CertificateDer<'static>,
+        peers: Vec<CertificateDer<'static>>,
         own: CertificateDer<'static>,
         provider: Arc<CryptoProvider>,
     ) -> Self {
-        Pinned {
-            accepted: vec![peer, own],
-            provider,
-        }
+        let mut accepted = peers;
+        accepted.push(own);
+        Pinned { accepted, provider }
     }
 
     fn check(&self, presented: &CertificateDer<'_>) -> Result<(), rustls::Error> {
@@ -38,7 +37,7 @@ impl Pinned {
             Ok(())
         } else {
             Err(rustls::Error::General(
-                "the peer's certificate is not the pinned --peer-cert".into(),
+                "the peer's certificate is not one of the pinned --peer-cert certificates".into(),
             ))
         }
     }

@@ -37,7 +37,7 @@ fn lo() -> SocketAddr {
 async fn pinned_peers_exchange_messages_and_datagrams() {
     let (_a, a) = node("a");
     let (_b, b) = node("b");
-    let srv = server(lo(), &a, b.cert.clone()).unwrap();
+    let srv = server(lo(), &a, vec![b.cert.clone()]).unwrap();
     let addr = srv.local_addr().unwrap();
     let accept = tokio::spawn(async move {
         let conn = srv.accept().await.unwrap().await.unwrap();
@@ -47,7 +47,7 @@ async fn pinned_peers_exchange_messages_and_datagrams() {
         let d = recv_datagram(&conn).await.unwrap();
         (m, d, conn)
     });
-    let cli = client(lo(), &b, a.cert.clone()).unwrap();
+    let cli = client(lo(), &b, vec![a.cert.clone()]).unwrap();
     let conn = connect(&cli, addr).await.unwrap();
     let mut s = MsgStream::open(&conn).await.unwrap();
     s.send(&Message::Log {
@@ -81,14 +81,14 @@ async fn an_unpinned_certificate_is_refused_both_ways() {
     let (_b, b) = node("pb");
     let (_c, c) = node("pc");
     // The server pins b; c tries to connect.
-    let srv = server(lo(), &a, b.cert.clone()).unwrap();
+    let srv = server(lo(), &a, vec![b.cert.clone()]).unwrap();
     let addr = srv.local_addr().unwrap();
     let srv2 = srv.clone();
     let acc = tokio::spawn(async move {
         let inc = srv2.accept().await.unwrap();
         inc.await.err().map(|e| e.to_string())
     });
-    let cli = client(lo(), &c, a.cert.clone()).unwrap();
+    let cli = client(lo(), &c, vec![a.cert.clone()]).unwrap();
     let r = tokio::time::timeout(Duration::from_secs(5), async {
         let conn = connect(&cli, addr).await?;
         // The server rejects the client certificate after the client's
@@ -115,7 +115,7 @@ async fn an_unpinned_certificate_is_refused_both_ways() {
             let _ = inc.await;
         }
     });
-    let cli = client(lo(), &c, b.cert.clone()).unwrap();
+    let cli = client(lo(), &c, vec![b.cert.clone()]).unwrap();
     let e = connect(&cli, addr)
         .await
         .expect_err("an unpinned server must be refused");
@@ -128,7 +128,7 @@ async fn an_unpinned_certificate_is_refused_both_ways() {
 async fn garbage_on_the_port_does_not_stop_the_endpoint() {
     let (_a, a) = node("ga");
     let (_b, b) = node("gb");
-    let srv = server(lo(), &a, b.cert.clone()).unwrap();
+    let srv = server(lo(), &a, vec![b.cert.clone()]).unwrap();
     let addr = srv.local_addr().unwrap();
     let udp = std::net::UdpSocket::bind(lo()).unwrap();
     let mut x = 0x9e37_79b9_7f4a_7c15_u64;
@@ -148,7 +148,7 @@ async fn garbage_on_the_port_does_not_stop_the_endpoint() {
         let mut s = MsgStream::accept(&conn).await.unwrap();
         s.recv().await.unwrap()
     });
-    let cli = client(lo(), &b, a.cert.clone()).unwrap();
+    let cli = client(lo(), &b, vec![a.cert.clone()]).unwrap();
     let conn = connect(&cli, addr).await.unwrap();
     let mut s = MsgStream::open(&conn).await.unwrap();
     s.send(&Message::Ack { offset: 7 }).await.unwrap();
@@ -167,4 +167,51 @@ fn keygen_refuses_to_overwrite_and_bad_files_are_named() {
         e.to_string().contains("junk.pem") && e.to_string().contains("certificate"),
         "{e}"
     );
+}
+
+#[tokio::test]
+async fn a_peer_cert_file_of_several_certificates_pins_each_of_them() {
+    let (_a, a) = node("ma");
+    let (db, b) = node("mb");
+    let (dc, c) = node("mc");
+    let (_d, d) = node("md");
+    // The primary's file holds both standbys' certificates.
+    let both = db.0.join("standbys.pem");
+    let pem = |dir: &Dir| std::fs::read_to_string(dir.0.join("node.crt")).unwrap();
+    std::fs::write(&both, pem(&db) + &pem(&dc)).unwrap();
+    let pinned = load_certs(&both).unwrap();
+    assert_eq!(pinned.len(), 2);
+    let srv = server(lo(), &a, pinned).unwrap();
+    let addr = srv.local_addr().unwrap();
+    let srv2 = srv.clone();
+    let acc = tokio::spawn(async move {
+        let mut ok = 0;
+        while let Some(inc) = srv2.accept().await {
+            if inc.await.is_ok() {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    for k in [&b, &c] {
+        let cli = client(lo(), k, vec![a.cert.clone()]).unwrap();
+        let conn = connect(&cli, addr).await.expect("a pinned standby");
+        let mut s = MsgStream::open(&conn).await.unwrap();
+        s.send(&Message::Ack { offset: 1 }).await.unwrap();
+        conn.close(0u32.into(), b"");
+    }
+    // A third, unlisted certificate is still refused.
+    let cli = client(lo(), &d, vec![a.cert.clone()]).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), async {
+        let conn = connect(&cli, addr).await?;
+        let mut s = MsgStream::open(&conn).await?;
+        s.send(&Message::Ack { offset: 1 }).await?;
+        s.recv().await
+    })
+    .await
+    .expect("bounded");
+    assert!(r.is_err(), "an unlisted certificate must be refused");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    srv.close(0u32.into(), b"");
+    assert_eq!(acc.await.unwrap(), 2, "both listed standbys were accepted");
 }

@@ -92,7 +92,7 @@ impl Pair {
         self.connected = true;
         self.to_s.clear();
         self.to_p.clear();
-        self.p.handle_connected(self.now);
+        self.p.handle_connected(0, self.now);
         self.s.handle_connected(self.now);
     }
 
@@ -136,7 +136,7 @@ impl Pair {
             self.log_end += self.rate;
             self.p.log_appended(self.log_end);
             if self.connected {
-                while let Some(t) = self.p.poll_transmit(self.now) {
+                while let Some((_, t)) = self.p.poll_transmit(self.now) {
                     self.send(true, t);
                 }
             }
@@ -163,7 +163,9 @@ impl Pair {
             let due: Vec<Message> = take_due(&mut self.to_p, self.now);
             for m in due {
                 if self.p_alive {
-                    self.p.handle_message(m, self.now).expect("primary accepts");
+                    self.p
+                        .handle_message(0, m, self.now)
+                        .expect("primary accepts");
                 }
             }
         }
@@ -271,7 +273,7 @@ fn partition_then_heal_makes_the_old_primary_step_down() {
     );
     // Heal: the new primary dials the old one and announces its epoch.
     pair.partitioned = false;
-    pair.p.handle_connected(pair.now);
+    pair.p.handle_connected(0, pair.now);
     let hello = Message::Hello {
         version_min: crate::wire::VERSION_MIN,
         version_max: crate::wire::VERSION_MAX,
@@ -280,12 +282,13 @@ fn partition_then_heal_makes_the_old_primary_step_down() {
         resume_offset: 0,
         exe_sha256: SHA,
     };
-    pair.p.handle_message(hello, pair.now).unwrap();
+    pair.p.handle_message(0, hello, pair.now).unwrap();
     assert_eq!(pair.p.state(), PrimaryState::SteppedDown);
     // And heartbeats of a newer primary do the same.
     let mut p2 = Primary::new(Config::default(), 1, SHA);
-    p2.handle_connected(pair.now);
+    p2.handle_connected(0, pair.now);
     p2.handle_message(
+        0,
         Message::Heartbeat {
             role: Role::Primary,
             epoch: 2,
@@ -373,7 +376,7 @@ fn refusals() {
     let now = Instant::now();
     let mut p = Primary::new(Config::default(), 1, SHA);
     p.log_appended(100);
-    p.handle_connected(now);
+    p.handle_connected(0, now);
     let hello = |sha, resume| Message::Hello {
         version_min: VERSION_MIN,
         version_max: VERSION_MAX,
@@ -383,22 +386,22 @@ fn refusals() {
         exe_sha256: sha,
     };
     assert_eq!(
-        p.handle_message(hello([9; 32], 0), now),
+        p.handle_message(0, hello([9; 32], 0), now),
         Err(SessionError::WrongProgram)
     );
     assert!(matches!(
-        p.poll_transmit(now),
+        p.poll_transmit(now).map(|(_, t)| t),
         Some(Transmit::Stream(Message::Refuse { .. }))
     ));
-    p.handle_connected(now);
+    p.handle_connected(0, now);
     assert_eq!(
-        p.handle_message(hello(SHA, 5000), now),
+        p.handle_message(0, hello(SHA, 5000), now),
         Err(SessionError::ResumeBeyondEnd {
             asked: 5000,
             have: 100
         })
     );
-    p.handle_connected(now);
+    p.handle_connected(0, now);
     let v = Message::Hello {
         version_min: 7,
         version_max: 9,
@@ -408,13 +411,13 @@ fn refusals() {
         exe_sha256: SHA,
     };
     assert_eq!(
-        p.handle_message(v, now),
+        p.handle_message(0, v, now),
         Err(SessionError::Version { min: 7, max: 9 })
     );
-    p.handle_connected(now);
-    p.handle_message(hello(SHA, 0), now).unwrap();
+    p.handle_connected(0, now);
+    p.handle_message(0, hello(SHA, 0), now).unwrap();
     assert_eq!(
-        p.handle_message(Message::Ack { offset: 1000 }, now),
+        p.handle_message(0, Message::Ack { offset: 1000 }, now),
         Err(SessionError::AckBeyondSent {
             acked: 1000,
             sent: 0
@@ -485,8 +488,9 @@ fn chained_failovers_take_ever_higher_epochs() {
     assert_eq!(s.epoch(), 3);
     let mut old = Primary::new(cfg, 1, SHA);
     let now = Instant::now();
-    old.handle_connected(now);
+    old.handle_connected(0, now);
     old.handle_message(
+        0,
         Message::Heartbeat {
             role: Role::Primary,
             epoch: 3,
@@ -503,12 +507,12 @@ fn chained_failovers_take_ever_higher_epochs() {
     p.set_former(vec![a]);
     p.log_appended(16);
     let mut st = Standby::new(cfg, SHA, 0);
-    p.handle_connected(now);
+    p.handle_connected(0, now);
     st.handle_connected(now);
     while let Some(Transmit::Stream(m)) = st.poll_transmit(now) {
-        p.handle_message(m, now).unwrap();
+        p.handle_message(0, m, now).unwrap();
     }
-    while let Some(t) = p.poll_transmit(now) {
+    while let Some((_, t)) = p.poll_transmit(now) {
         if let Transmit::Stream(m) = t {
             st.handle_message(m, now).unwrap();
         }
@@ -516,8 +520,9 @@ fn chained_failovers_take_ever_higher_epochs() {
     assert_eq!(st.former(), &[a]);
     // ... and one of epoch 3 does not step down for itself.
     let mut same = Primary::new(cfg, 3, SHA);
-    same.handle_connected(now);
+    same.handle_connected(0, now);
     let _ = same.handle_message(
+        0,
         Message::Heartbeat {
             role: Role::Primary,
             epoch: 3,
@@ -527,4 +532,178 @@ fn chained_failovers_take_ever_higher_epochs() {
         now,
     );
     assert_ne!(same.state(), PrimaryState::SteppedDown);
+}
+
+/// A primary with standbys `ids` past their hello at offset 0.
+fn primary_with(cfg: Config, ids: &[PeerId], now: Instant) -> Primary {
+    let mut p = Primary::new(cfg, 1, SHA);
+    for &id in ids {
+        p.handle_connected(id, now);
+        p.handle_message(
+            id,
+            Message::Hello {
+                version_min: VERSION_MIN,
+                version_max: VERSION_MAX,
+                role: Role::Standby,
+                epoch: 0,
+                resume_offset: 0,
+                exe_sha256: SHA,
+            },
+            now,
+        )
+        .unwrap();
+    }
+    p
+}
+
+/// Everything the primary has to send now, by standby (log bytes counted).
+fn drain(p: &mut Primary, now: Instant) -> std::collections::BTreeMap<PeerId, u64> {
+    let mut sent = std::collections::BTreeMap::new();
+    while let Some((id, t)) = p.poll_transmit(now) {
+        if let Transmit::LogRange { offset, len } = t {
+            let e = sent.entry(id).or_insert(offset);
+            assert_eq!(*e, offset, "standby {id} gets the log in order");
+            *e = offset + len;
+        }
+    }
+    sent
+}
+
+#[test]
+fn two_standbys_each_get_the_whole_log_and_the_quorum_is_the_nth_ack() {
+    let now = Instant::now();
+    let cfg = Config {
+        chunk: 1000,
+        max_unacked: 1 << 20,
+        sync_standbys: 2,
+        ..Config::default()
+    };
+    let mut p = primary_with(cfg, &[1, 2], now);
+    assert_eq!(p.state(), PrimaryState::CatchingUp);
+    p.log_appended(5000);
+    let sent = drain(&mut p, now);
+    assert_eq!(sent.get(&1), Some(&5000));
+    assert_eq!(sent.get(&2), Some(&5000));
+    // One standby acknowledges: with two sync standbys the quorum mark is
+    // the other's (0)...
+    p.handle_message(1, Message::Ack { offset: 5000 }, now)
+        .unwrap();
+    assert_eq!(p.state(), PrimaryState::Protected);
+    assert_eq!(p.acked(), 5000, "only one caught up: it is the quorum");
+    p.handle_message(2, Message::Ack { offset: 3000 }, now)
+        .unwrap();
+    // ...now both caught up: the second highest.
+    assert_eq!(p.acked(), 5000, "the mark never goes back");
+    p.log_appended(9000);
+    drain(&mut p, now);
+    p.handle_message(1, Message::Ack { offset: 9000 }, now)
+        .unwrap();
+    assert_eq!(p.acked(), 5000, "standby 2 holds only 3000: not released");
+    p.handle_message(2, Message::Ack { offset: 7000 }, now)
+        .unwrap();
+    assert_eq!(p.acked(), 7000);
+    // With one sync standby the most advanced one's acknowledgement is
+    // enough.
+    let mut one = primary_with(
+        Config {
+            sync_standbys: 1,
+            ..cfg
+        },
+        &[1, 2],
+        now,
+    );
+    one.log_appended(4000);
+    drain(&mut one, now);
+    one.handle_message(2, Message::Ack { offset: 4000 }, now)
+        .unwrap();
+    one.handle_message(1, Message::Ack { offset: 1000 }, now)
+        .unwrap();
+    assert_eq!(one.acked(), 4000);
+    // A standby that leaves does not take the protection with it.
+    one.handle_disconnected(2);
+    assert_eq!(one.state(), PrimaryState::Protected);
+    assert_eq!(one.acked(), 4000);
+    assert_eq!(one.throttle_mark(), 1000);
+    one.handle_disconnected(1);
+    assert_eq!(one.state(), PrimaryState::Unprotected);
+}
+
+#[test]
+fn a_standby_catching_up_neither_lowers_the_mark_nor_starves_the_others() {
+    let now = Instant::now();
+    let cfg = Config {
+        chunk: 1000,
+        max_unacked: 4000,
+        sync_standbys: 2,
+        ..Config::default()
+    };
+    let mut p = primary_with(cfg, &[1], now);
+    p.log_appended(3000);
+    drain(&mut p, now);
+    p.handle_message(1, Message::Ack { offset: 3000 }, now)
+        .unwrap();
+    assert_eq!(p.acked(), 3000);
+    // A second standby joins far behind a long log: it is not in the
+    // quorum until it caught up, so output keeps flowing on standby 1.
+    p.log_appended(20_000);
+    p.handle_connected(2, now);
+    p.handle_message(
+        2,
+        Message::Hello {
+            version_min: VERSION_MIN,
+            version_max: VERSION_MAX,
+            role: Role::Standby,
+            epoch: 0,
+            resume_offset: 0,
+            exe_sha256: SHA,
+        },
+        now,
+    )
+    .unwrap();
+    // The caught-up standby's bytes go first.
+    let mut order = vec![];
+    for _ in 0..6 {
+        match p.poll_transmit(now) {
+            Some((id, Transmit::LogRange { .. })) => order.push(id),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(&order[..3], &[1, 1, 1], "standby 1 first: {order:?}");
+    p.handle_message(1, Message::Ack { offset: 6000 }, now)
+        .unwrap();
+    assert_eq!(p.acked(), 6000, "standby 2 (catching up) does not count");
+    assert_eq!(p.standbys(now).len(), 2);
+    assert!(
+        !p.standbys(now)
+            .iter()
+            .find(|s| s.id == 2)
+            .unwrap()
+            .caught_up
+    );
+}
+
+#[test]
+fn a_silent_standby_is_dropped_alone() {
+    let t0 = Instant::now();
+    let cfg = Config::default();
+    let mut p = primary_with(cfg, &[1, 2], t0);
+    let later = t0 + cfg.timeout / 2;
+    p.handle_message(
+        1,
+        Message::Heartbeat {
+            role: Role::Standby,
+            epoch: 0,
+            sent_ms: 0,
+            offset: 0,
+        },
+        later,
+    )
+    .unwrap();
+    assert!(p.poll_timeout().unwrap() <= t0 + cfg.timeout);
+    let lost = p.handle_timeout(t0 + cfg.timeout);
+    assert_eq!(lost, vec![2]);
+    assert_eq!(p.connected(), 1);
+    assert_eq!(p.handle_timeout(later + cfg.timeout), vec![1]);
+    assert_eq!(p.state(), PrimaryState::Unprotected);
 }

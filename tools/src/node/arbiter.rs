@@ -135,6 +135,36 @@ impl Etcd {
         }
     }
 
+    /// Put `key` = `value` (attached to `lease`, 0: none).
+    pub fn put(&self, key: &[u8], value: &[u8], lease: i64) -> anyhow::Result<()> {
+        let mut put = json!({ "key": b64(key), "value": b64(value) });
+        if lease != 0 {
+            put["lease"] = json!(lease.to_string());
+        }
+        self.call("/v3/kv/put", &put)?;
+        Ok(())
+    }
+
+    /// Every key under `prefix` with its value.
+    pub fn range_prefix(&self, prefix: &[u8]) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut end = prefix.to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let v = self.call(
+            "/v3/kv/range",
+            &json!({ "key": b64(prefix), "range_end": b64(&end) }),
+        )?;
+        let mut out = vec![];
+        for kv in v["kvs"].as_array().into_iter().flatten() {
+            out.push((
+                unb64(kv["key"].as_str().unwrap_or(""))?,
+                unb64(kv["value"].as_str().unwrap_or(""))?,
+            ));
+        }
+        Ok(out)
+    }
+
     /// Put `key` = `value` (attached to `lease`, 0: none) only if `key`'s
     /// modification revision is `rev` (0: only if it does not exist).
     /// Ok(None) when written, Ok(Some(current)) when the comparison failed.
@@ -246,12 +276,44 @@ fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// What the leader key (and a standby's entry under `members/`) says of
+/// a node: its name, where it serves standbys, and how much of the log it
+/// held when it took the key (0 for a primary started by `run`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Holder {
+    pub name: String,
+    pub addr: Option<SocketAddr>,
+    #[serde(default)]
+    pub offset: u64,
+}
+
+impl Holder {
+    /// A value as etcd holds it (a bare name from an older node, too).
+    fn parse(v: &[u8]) -> Holder {
+        serde_json::from_slice(v).unwrap_or_else(|_| Holder {
+            name: String::from_utf8_lossy(v).into_owned(),
+            ..Holder::default()
+        })
+    }
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr {
+            Some(a) => write!(f, "{} ({a})", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
 /// The leader key of one protected service, as one node holds or seeks it.
 #[derive(Debug)]
 pub struct Leadership {
     etcd: Etcd,
+    /// `/hotstandby/SERVICE/`.
+    prefix: String,
     key: Vec<u8>,
-    me: Vec<u8>,
+    me: Holder,
     ttl: Duration,
     lease: i64,
     /// When the last successful renewal (or the grant) was *sent*.
@@ -263,20 +325,48 @@ pub struct Leadership {
 pub enum Held {
     /// This node holds it now.
     Mine,
-    /// Another node does (its value).
-    By(Vec<u8>),
+    /// Another node does.
+    By(Holder),
 }
 
 impl Leadership {
     pub fn new(etcd: Etcd, service: &str, me: &str, ttl: Duration) -> Self {
+        let prefix = format!("/hotstandby/{service}/");
         Leadership {
             etcd,
-            key: format!("/hotstandby/{service}/leader").into_bytes(),
-            me: me.as_bytes().to_vec(),
+            key: format!("{prefix}leader").into_bytes(),
+            prefix,
+            me: Holder {
+                name: me.into(),
+                ..Holder::default()
+            },
             ttl,
             lease: 0,
             renewed: None,
         }
+    }
+
+    /// Where this node serves standbys, as others must reach it: `listen`,
+    /// or when that is a wildcard, the address this host reaches the
+    /// arbiter from (with `listen`'s port).
+    fn advertise(&mut self, listen: SocketAddr) {
+        let mut a = listen;
+        if a.ip().is_unspecified() {
+            let local = self.etcd.members.iter().find_map(|m| {
+                let to = m.to_socket_addrs().ok()?.next()?;
+                let u = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+                u.connect(to).ok()?;
+                u.local_addr().ok()
+            });
+            if let Some(l) = local {
+                a.set_ip(l.ip());
+            }
+        }
+        self.me.addr = Some(a);
+    }
+
+    fn value(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.me).expect("a holder serializes")
     }
 
     /// Take the key if nobody holds it (or this node already does).
@@ -290,18 +380,18 @@ impl Leadership {
         if self.lease == 0 {
             self.lease = self.etcd.grant(self.ttl)?;
         }
-        match self.etcd.put_if(&self.key, 0, &self.me, self.lease)? {
+        match self.etcd.put_if(&self.key, 0, &self.value(), self.lease)? {
             None => {
                 self.renewed = Some(sent);
                 Ok(Held::Mine)
             }
-            Some(Some((v, _))) if v == self.me => {
+            Some(Some((v, _))) if Holder::parse(&v).name == self.me.name => {
                 // Ours from before (another lease of this node): keep the
                 // key on our current lease only if renewing works.
                 self.renew().map(|_| Held::Mine)
             }
-            Some(Some((v, _))) => Ok(Held::By(v)),
-            Some(None) => Ok(Held::By(Vec::new())),
+            Some(Some((v, _))) => Ok(Held::By(Holder::parse(&v))),
+            Some(None) => Ok(Held::By(Holder::default())),
         }
     }
 
@@ -349,15 +439,22 @@ fn arbiter() -> std::sync::MutexGuard<'static, Option<Leadership>> {
     ARBITER.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether `--arbiter` configured one.
+pub fn configured() -> bool {
+    arbiter().is_some()
+}
+
 /// Configure the arbiter for this process.
 pub fn install(l: Leadership) {
     *arbiter() = Some(l);
 }
 
-/// Primary at start: take the key or refuse to run.
-pub fn take_or_refuse() -> anyhow::Result<()> {
+/// Primary at start: take the key or refuse to run. `listen`: where it
+/// serves standbys (told in the key, for standbys that must find it).
+pub fn take_or_refuse(listen: SocketAddr) -> anyhow::Result<()> {
     let mut a = arbiter();
     let Some(l) = a.as_mut() else { return Ok(()) };
+    l.advertise(listen);
     match l.campaign().context("asking the arbiter for the leader key")? {
         Held::Mine => {
             tracing::info!(
@@ -367,39 +464,148 @@ pub fn take_or_refuse() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Held::By(v) => bail!(
-            "the arbiter says {} is the primary ({}): start this node as a standby (or wait for that node's lease to expire)",
-            String::from_utf8_lossy(&v),
+        Held::By(h) => bail!(
+            "the arbiter says {h} is the primary ({}): start this node as a standby (or wait for that node's lease to expire)",
             String::from_utf8_lossy(&l.key)
         ),
     }
 }
 
-/// Standby that lost its primary: wait until this node holds the key (the
-/// old primary's lease has expired, so it has stopped releasing output).
-/// Never returns without it: a standby that cannot reach the arbiter must
-/// not go live.
-pub fn wait_for_key() {
+/// What a standby that lost its primary does, as the arbiter decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Elected {
+    /// This node holds the leader key: go live.
+    Won,
+    /// Another node is (or still is) the primary: follow it, from no
+    /// further than `upto` bytes of the log (where it took over; `u64::MAX`
+    /// for the primary this node followed).
+    Follow { addr: SocketAddr, upto: u64 },
+}
+
+/// A standby whose primary fell silent: publish how much of the log it
+/// holds (`members/NAME`), then
+/// - the key still held by the lost primary for longer than its lease
+///   could last without renewals: that primary is alive (only the link
+///   to it broke): follow it again;
+/// - the key taken by another node: follow that one (the new primary);
+/// - the key free: campaign if no other standby published a longer log
+///   (ties: the smaller name), or if the one that did has not taken the
+///   key within a lease's time; holding the key, go live.
+///
+/// Never goes live without the key: a standby that cannot reach the
+/// arbiter waits. Without an arbiter: `Won` at once.
+pub fn elect(offset: u64, lost: SocketAddr, listen: SocketAddr) -> Elected {
     let mut a = arbiter();
-    let Some(l) = a.as_mut() else { return };
+    let Some(l) = a.as_mut() else {
+        return Elected::Won;
+    };
+    l.advertise(listen);
+    l.me.offset = offset;
+    let since = Instant::now();
+    let mut free_since: Option<Instant> = None;
     let mut said = None;
     loop {
-        let why = match l.campaign() {
-            Ok(Held::Mine) => {
-                tracing::warn!(
-                    "took the arbiter's leader key {}: going live",
-                    String::from_utf8_lossy(&l.key)
-                );
-                return;
+        let why = match l.election_round(lost, since, &mut free_since) {
+            Ok(Ok(e)) => {
+                match &e {
+                    Elected::Won => tracing::warn!(
+                        "took the arbiter's leader key {}: going live",
+                        String::from_utf8_lossy(&l.key)
+                    ),
+                    Elected::Follow { addr, .. } if *addr == lost => tracing::warn!(
+                        "the primary at {addr} still renews the arbiter's key: only the link to it broke; following it again"
+                    ),
+                    Elected::Follow { addr, .. } => {
+                        tracing::warn!("the arbiter names {addr} the new primary: following it")
+                    }
+                }
+                return e;
             }
-            Ok(Held::By(v)) => format!("held by {}", String::from_utf8_lossy(&v)),
+            Ok(Err(why)) => why,
             Err(e) => format!("{e:#}"),
         };
         if said.as_ref() != Some(&why) {
             tracing::warn!("not going live until the arbiter's leader key is ours: {why}");
             said = Some(why);
         }
-        std::thread::sleep(l.loop_wait());
+        std::thread::sleep(Duration::from_millis(100).min(l.loop_wait()));
+    }
+}
+
+/// The standbys' entries under `members/`.
+const MEMBERS: &str = "members/";
+
+impl Leadership {
+    /// One look at the arbiter for [`elect`]: the outcome, or why there is
+    /// none yet.
+    fn election_round(
+        &mut self,
+        lost: SocketAddr,
+        since: Instant,
+        free_since: &mut Option<Instant>,
+    ) -> anyhow::Result<Result<Elected, String>> {
+        if self.lease != 0 && self.etcd.keepalive(self.lease)?.is_none() {
+            self.lease = 0;
+        }
+        if self.lease == 0 {
+            self.lease = self.etcd.grant(self.ttl)?;
+        }
+        let mine = format!("{}{MEMBERS}{}", self.prefix, self.me.name).into_bytes();
+        self.etcd.put(&mine, &self.value(), self.lease)?;
+        match self.etcd.get(&self.key)? {
+            Some((v, _)) => {
+                *free_since = None;
+                let h = Holder::parse(&v);
+                if h.name == self.me.name {
+                    return Ok(match self.campaign()? {
+                        Held::Mine => Ok(Elected::Won),
+                        Held::By(h) => Err(format!("held by {h}")),
+                    });
+                }
+                match h.addr {
+                    Some(addr) if addr != lost => Ok(Ok(Elected::Follow {
+                        addr,
+                        upto: if h.offset == 0 { u64::MAX } else { h.offset },
+                    })),
+                    Some(addr) if since.elapsed() > self.ttl + 2 * self.loop_wait() => {
+                        Ok(Ok(Elected::Follow {
+                            addr,
+                            upto: u64::MAX,
+                        }))
+                    }
+                    _ => Ok(Err(format!("held by {h} (its lease has not ended)"))),
+                }
+            }
+            None => {
+                let free = *free_since.get_or_insert_with(Instant::now);
+                let others = self
+                    .etcd
+                    .range_prefix(format!("{}{MEMBERS}", self.prefix).as_bytes())?;
+                let best = others
+                    .iter()
+                    .map(|(_, v)| Holder::parse(v))
+                    .chain(std::iter::once(self.me.clone()))
+                    .max_by(|a, b| a.offset.cmp(&b.offset).then_with(|| b.name.cmp(&a.name)))
+                    .expect("this node is among them");
+                // Give the others a moment to publish, and the best one a
+                // lease's time to take the key.
+                let settled = since.elapsed() >= self.loop_wait();
+                if settled && (best.name == self.me.name || free.elapsed() > self.ttl) {
+                    return Ok(match self.campaign()? {
+                        Held::Mine => Ok(Elected::Won),
+                        Held::By(h) => Err(format!("taken by {h}")),
+                    });
+                }
+                Ok(Err(if best.name == self.me.name {
+                    "free; letting the other standbys publish their positions".into()
+                } else {
+                    format!(
+                        "free; standby {} holds more of the log ({} bytes, this one {}): it takes over",
+                        best.name, best.offset, self.me.offset
+                    )
+                }))
+            }
+        }
     }
 }
 

@@ -44,9 +44,11 @@ pub struct Tls {
 }
 
 impl Tls {
-    fn load(&self) -> anyhow::Result<(NodeKeys, hotstandby_transport::CertificateDer<'static>)> {
+    fn load(
+        &self,
+    ) -> anyhow::Result<(NodeKeys, Vec<hotstandby_transport::CertificateDer<'static>>)> {
         let keys = transport::load_keys(&self.cert, &self.key)?;
-        let peer = transport::load_cert(&self.peer_cert)?;
+        let peer = transport::load_certs(&self.peer_cert)?;
         Ok((keys, peer))
     }
 }
@@ -269,6 +271,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// The length of the longest prefix of the file that is whole frames.
 fn valid_prefix(path: &Path) -> u64 {
+    frames_upto(path, u64::MAX)
+}
+
+/// The end of the last whole frame that ends at or before `limit`.
+fn frames_upto(path: &Path, limit: u64) -> u64 {
     let Ok(bytes) = std::fs::read(path) else {
         return 0;
     };
@@ -280,8 +287,8 @@ fn valid_prefix(path: &Path) -> u64 {
     let mut end = r.position();
     for f in r.by_ref() {
         match f {
-            Ok(f) => end = f.end,
-            Err(_) => break,
+            Ok(f) if f.end as u64 <= limit => end = f.end,
+            _ => break,
         }
     }
     end as u64

@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use hotstandby_netguard::gate::Gate;
-use hotstandby_protocol::session::{Config, Primary, PrimaryState, Transmit};
+use hotstandby_protocol::session::{Config, PeerId, Primary, PrimaryState, Transmit};
 use hotstandby_protocol::wire::Message;
 use hotstandby_recorder::logfile::{self, Throttle, STREAM};
 use hotstandby_transport::{self as transport, Connection, Endpoint, MsgStream};
@@ -20,18 +20,130 @@ use super::report::{self, Protection, Report};
 use super::vip::Vip;
 use super::{deadline, runtime, save_epoch, LagClock, StatusFile, Tls, EXIT_STEPPED_DOWN};
 
-/// How serving a standby ended.
-enum Served {
-    /// The standby went away; go on unprotected.
-    StandbyGone,
-    /// The program exited and the standby holds the whole log.
-    Finished,
-    /// A newer primary exists.
-    SteppedDown,
+/// What a standby's connection task tells the serving loop.
+enum LinkEvent {
+    /// The handshake and the stream are up: send to it through `tx`.
+    Up {
+        id: PeerId,
+        conn: Connection,
+        tx: tokio::sync::mpsc::UnboundedSender<Transmit>,
+    },
+    /// A message on the stream (`datagram` false) or in a datagram.
+    Msg {
+        id: PeerId,
+        msg: Message,
+        datagram: bool,
+    },
+    /// The connection ended (or never came up).
+    Gone { id: PeerId, why: String },
+}
+
+/// A standby's connection as the serving loop holds it.
+struct Link {
+    conn: Connection,
+    tx: tokio::sync::mpsc::UnboundedSender<Transmit>,
+}
+
+/// One standby's connection: the handshake, then messages in, transmits
+/// out (log ranges read from the file here, so a slow standby's flow
+/// control stalls only its own task).
+async fn link(
+    id: PeerId,
+    inc: transport::Incoming,
+    file: Arc<std::fs::File>,
+    ev: tokio::sync::mpsc::UnboundedSender<LinkEvent>,
+) {
+    let gone = |why: String| LinkEvent::Gone { id, why };
+    let conn = match inc.await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ev.send(gone(format!("refused a connection: {e}")));
+            return;
+        }
+    };
+    let mut stream =
+        match tokio::time::timeout(Duration::from_secs(2), MsgStream::accept(&conn)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let _ = ev.send(gone(format!("{e}")));
+                return;
+            }
+            Err(_) => {
+                conn.close(0u32.into(), b"no stream");
+                let _ = ev.send(gone("the standby opened no stream".into()));
+                return;
+            }
+        };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    if ev
+        .send(LinkEvent::Up {
+            id,
+            conn: conn.clone(),
+            tx,
+        })
+        .is_err()
+    {
+        return;
+    }
+    let why = loop {
+        tokio::select! {
+            m = stream.recv() => match m {
+                Ok(Some(msg)) => {
+                    if ev.send(LinkEvent::Msg { id, msg, datagram: false }).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break "the standby closed its stream".to_string(),
+                Err(e) => break format!("{e}"),
+            },
+            d = conn.read_datagram() => match d {
+                Ok(d) => {
+                    if let Ok((msg, _)) = Message::decode(&d) {
+                        let _ = ev.send(LinkEvent::Msg { id, msg, datagram: true });
+                    }
+                }
+                Err(e) => break format!("{e}"),
+            },
+            t = rx.recv() => match t {
+                Some(t) => {
+                    if let Err(e) = send(&conn, &mut stream, &file, t).await {
+                        break format!("{e:#}");
+                    }
+                }
+                None => break "closed by the primary".to_string(),
+            },
+        }
+    };
+    let _ = ev.send(gone(why));
+}
+
+async fn send(
+    conn: &Connection,
+    stream: &mut MsgStream,
+    file: &std::fs::File,
+    t: Transmit,
+) -> anyhow::Result<()> {
+    match t {
+        Transmit::Stream(m) => stream.send(&m).await?,
+        Transmit::LogRange { offset, len } => {
+            let mut bytes = vec![0u8; len as usize];
+            file.read_exact_at(&mut bytes, offset)?;
+            stream.send(&Message::Log { offset, bytes }).await?;
+        }
+        Transmit::Datagram(m) => {
+            let _ = transport::send_datagram(conn, &m);
+        }
+    }
+    Ok(())
 }
 
 /// Serve standbys from the log in `dir` until the program (watched by
 /// `finished`) exits. Returns true when this primary stepped down.
+///
+/// Any number of standbys when an arbiter is configured (it decides which
+/// of them takes over); without one, a single standby: a second connection
+/// is turned away while the first is alive (two standbys without an
+/// arbiter would both go live).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn serve(
     ep: Endpoint,
@@ -50,7 +162,7 @@ pub(super) async fn serve(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let file = std::fs::File::open(&path)?;
+    let file = Arc::new(std::fs::File::open(&path)?);
     let sha = loop {
         match logfile::log_id(dir) {
             Some(id) => break id,
@@ -58,6 +170,7 @@ pub(super) async fn serve(
             None => bail!("the log in {} has no header", dir.display()),
         }
     };
+    let multi = super::arbiter::configured();
     let mut session = Primary::new(cfg, epoch, sha);
     session.set_former(former);
     save_epoch(dir, epoch)?;
@@ -71,73 +184,119 @@ pub(super) async fn serve(
         "primary (epoch {epoch}) listening on {}; unprotected until a standby joins",
         ep.local_addr()?
     );
+    let gate = net.as_ref().map(|(_, g)| g.clone());
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut links: std::collections::BTreeMap<PeerId, Link> = Default::default();
+    let mut next_id: PeerId = 0;
+    let mut protected = false;
+    let mut finished_at: Option<Instant> = None;
+    let mut clock = LagClock::default();
     loop {
-        let conn = loop {
-            if finished() {
-                return Ok(false);
+        let now = Instant::now();
+        let len = file.metadata()?.len();
+        clock.grew(len, now);
+        session.log_appended(len);
+        while let Some((id, t)) = session.poll_transmit(now) {
+            if let Some(l) = links.get(&id) {
+                let _ = l.tx.send(t);
             }
-            let now = Instant::now();
-            if status.due(now) {
-                session.log_appended(file.metadata()?.len());
-                let text = primary_status(
-                    &session,
-                    "unprotected",
-                    None,
-                    &throttle,
-                    (0, (0, 0)),
-                    net.as_ref().map(|(_, g)| g),
-                );
-                status.write(text, now);
+        }
+        let had = session.connected();
+        let mut gone: Vec<(PeerId, String)> = vec![];
+        tokio::select! {
+            inc = ep.accept() => {
+                let Some(inc) = inc else { bail!("the QUIC endpoint closed") };
+                next_id += 1;
+                tokio::spawn(link(next_id, inc, file.clone(), ev_tx.clone()));
             }
-            tokio::select! {
-                inc = ep.accept() => {
-                    let Some(inc) = inc else { bail!("the QUIC endpoint closed") };
-                    match inc.await {
-                        Ok(c) => break c,
-                        Err(e) => tracing::warn!("refused a connection: {e}"),
+            ev = ev_rx.recv() => match ev.expect("the loop holds a sender") {
+                LinkEvent::Up { id, conn, tx } => {
+                    let peer = conn.remote_address();
+                    if !multi && !links.is_empty() {
+                        // Code 3: busy, the standby retries (2 would be a
+                        // refusal for good).
+                        conn.close(3u32.into(), b"this primary already streams to a standby (more than one needs --arbiter)");
+                        tracing::warn!("turned away a second standby {peer}: without --arbiter a primary has one standby");
+                    } else {
+                        tracing::info!("standby {peer} connected");
+                        session.handle_connected(id, Instant::now());
+                        links.insert(id, Link { conn, tx });
                     }
                 }
-                // Until the next status write; `finished` is checked then.
-                _ = tokio::time::sleep_until(deadline(None, status.deadline())) => {}
+                LinkEvent::Msg { id, msg, datagram } => {
+                    if links.contains_key(&id) {
+                        if let Message::Refuse { reason } = &msg {
+                            gone.push((id, format!("the standby refused: {reason}")));
+                        } else {
+                            let r = session.handle_message(id, msg, Instant::now());
+                            if let (Err(e), false) = (r, datagram) {
+                                // Send the refusal queued for it, then
+                                // close with the reason (code 2).
+                                while let Some((to, t)) = session.poll_transmit(Instant::now()) {
+                                    if let Some(l) = links.get(&to) {
+                                        let _ = l.tx.send(t);
+                                    }
+                                }
+                                if let Some(l) = links.get(&id) {
+                                    l.conn.close(2u32.into(), e.to_string().as_bytes());
+                                }
+                                gone.push((id, format!("refused: {e}")));
+                            }
+                        }
+                    }
+                }
+                LinkEvent::Gone { id, why } => {
+                    if links.contains_key(&id) {
+                        gone.push((id, why));
+                    } else if !why.is_empty() {
+                        tracing::debug!("connection {id}: {why}");
+                    }
+                }
+            },
+            _ = flushed.notified() => {}
+            // The session's next heartbeat or timeout, or a status write.
+            _ = tokio::time::sleep_until(deadline(session.poll_timeout(), status.deadline())) => {}
+        }
+        let now = Instant::now();
+        for id in session.handle_timeout(now) {
+            gone.push((id, format!("silent for {} ms", cfg.timeout.as_millis())));
+        }
+        for (id, why) in gone {
+            if let Some(l) = links.remove(&id) {
+                tracing::warn!("standby {} is gone: {why}", l.conn.remote_address());
+                l.conn.close(0u32.into(), b"standby lost");
             }
-        };
-        let gate = net.as_ref().map(|(_, g)| g.clone());
-        let r = serve_one(
-            &conn,
-            &file,
-            &mut session,
-            &throttle,
-            finished,
-            gate.as_ref(),
-            &flushed,
-            &mut status,
-        )
-        .await;
-        let lost = match r {
-            Ok(Served::StandbyGone) => {
-                throttle.active.store(false, Relaxed);
-                tracing::warn!("the standby is gone");
-                session.handle_disconnected();
-                conn.close(0u32.into(), b"standby lost");
-                true
+            session.handle_disconnected(id);
+        }
+        throttle.acked.store(session.throttle_mark(), Relaxed);
+        throttle.active.store(session.connected() > 0, Relaxed);
+        clock.passed(session.acked(), now);
+        if let Some(g) = &gate {
+            g.acked(session.acked());
+            let p = session.state() == PrimaryState::Protected;
+            if p != protected {
+                g.set_protected(p);
+                protected = p;
             }
-            Ok(Served::Finished) => {
+        }
+        if session.state() == PrimaryState::SteppedDown {
+            throttle.active.store(false, Relaxed);
+            return Ok(true);
+        }
+        if finished() {
+            let t0 = *finished_at.get_or_insert(now);
+            let end = file.metadata()?.len();
+            let all = session.standbys(now).iter().all(|s| s.acked >= end);
+            if all || now - t0 > Duration::from_secs(5) {
                 throttle.active.store(false, Relaxed);
-                conn.close(0u32.into(), b"done");
+                for l in links.values() {
+                    l.conn.close(0u32.into(), b"done");
+                }
                 return Ok(false);
             }
-            Ok(Served::SteppedDown) => {
-                throttle.active.store(false, Relaxed);
-                return Ok(true);
-            }
-            Err(e) => {
-                throttle.active.store(false, Relaxed);
-                tracing::warn!("standby connection failed: {e:#}");
-                session.handle_disconnected();
-                true
-            }
-        };
-        if lost {
+        }
+        if had > 0 && session.connected() == 0 {
+            tracing::warn!("no standby left");
             if let Some((vip, gate)) = &net {
                 // Dead standby, or a partition between us while it took
                 // over? Its gratuitous ARP / an ARP probe tells: if another
@@ -170,19 +329,39 @@ pub(super) async fn serve(
                     return Ok(true);
                 }
                 gate.set_protected(false);
+                protected = false;
             }
             tracing::warn!("serving UNPROTECTED until a standby joins again");
+        }
+        if status.due(now) {
+            let lag = (clock.ms(session.acked(), now), clock.recent());
+            let linked: Vec<report::Link> = session
+                .standbys(now)
+                .iter()
+                .map(|s| report::Link {
+                    addr: links
+                        .get(&s.id)
+                        .map(|l| l.conn.remote_address().to_string())
+                        .unwrap_or_default(),
+                    acked_bytes: s.acked,
+                    lag_bytes: len.saturating_sub(s.acked),
+                    in_quorum: s.caught_up,
+                    last_heard_ms: s.last_heard.as_millis() as u64,
+                })
+                .collect();
+            let text = primary_status(&session, linked, &throttle, lag, gate.as_ref(), cfg);
+            status.write(text, now);
         }
     }
 }
 
 fn primary_status(
     s: &Primary,
-    conn: &str,
-    peer: Option<SocketAddr>,
+    standbys: Vec<report::Link>,
     t: &Throttle,
     (lag_ms, (ack50, ack99)): (u128, (u32, u32)),
     gate: Option<&Arc<Gate>>,
+    cfg: Config,
 ) -> Report {
     let st = s.status(Instant::now());
     let output_rule = gate.map(|g| {
@@ -207,12 +386,16 @@ fn primary_status(
         role: "primary".into(),
         epoch: st.epoch,
         state: st.state,
-        peer: peer.map(|p| p.to_string()),
+        peer: standbys.first().map(|l| l.addr.clone()),
         log_bytes: st.log_bytes,
         last_heard_ms: st.last_heard.map(|d| d.as_millis() as u64),
         pid: std::process::id(),
         primary: Some(report::PrimaryPart {
-            link: conn.into(),
+            link: if standbys.is_empty() {
+                "unprotected".into()
+            } else {
+                "connected".into()
+            },
             protection: Some(protection),
             unacked_bytes: st.lag_bytes,
             unacked_ms: lag_ms as u64,
@@ -221,116 +404,10 @@ fn primary_status(
             throttled_ms: t.waited_us.load(Relaxed) / 1000,
             events: t.events.load(Relaxed),
             output_rule,
+            standbys,
+            sync_standbys: cfg.sync_standbys as u64,
         }),
         ..Report::default()
-    }
-}
-
-async fn send(
-    conn: &Connection,
-    stream: &mut MsgStream,
-    file: &std::fs::File,
-    t: Transmit,
-) -> anyhow::Result<()> {
-    match t {
-        Transmit::Stream(m) => stream.send(&m).await?,
-        Transmit::LogRange { offset, len } => {
-            let mut bytes = vec![0u8; len as usize];
-            file.read_exact_at(&mut bytes, offset)?;
-            stream.send(&Message::Log { offset, bytes }).await?;
-        }
-        Transmit::Datagram(m) => {
-            let _ = transport::send_datagram(conn, &m);
-        }
-    }
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn serve_one(
-    conn: &Connection,
-    file: &std::fs::File,
-    session: &mut Primary,
-    throttle: &Throttle,
-    finished: &(dyn Fn() -> bool + Sync),
-    gate: Option<&Arc<Gate>>,
-    flushed: &tokio::sync::Notify,
-    status: &mut StatusFile,
-) -> anyhow::Result<Served> {
-    let mut protected = false;
-    let peer = conn.remote_address();
-    session.handle_connected(Instant::now());
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), MsgStream::accept(conn))
-        .await
-        .context("standby opened no stream")??;
-    tracing::info!("standby {peer} connected");
-    throttle.active.store(true, Relaxed);
-    let mut finished_at: Option<Instant> = None;
-    let mut clock = LagClock::default();
-    loop {
-        let now = Instant::now();
-        let len = file.metadata()?.len();
-        clock.grew(len, now);
-        session.log_appended(len);
-        while let Some(t) = session.poll_transmit(now) {
-            send(conn, &mut stream, file, t).await?;
-        }
-        tokio::select! {
-            m = stream.recv() => match m {
-                Ok(Some(msg)) => {
-                    if let Message::Refuse { reason } = &msg {
-                        tracing::warn!("the standby refused: {reason}");
-                        return Ok(Served::StandbyGone);
-                    }
-                    if let Err(e) = session.handle_message(msg, Instant::now()) {
-                        tracing::warn!("refusing the standby: {e}");
-                        // The reason travels in the close frame (code 2).
-                        conn.close(2u32.into(), e.to_string().as_bytes());
-                        return Ok(Served::StandbyGone);
-                    }
-                }
-                Ok(None) | Err(_) => return Ok(Served::StandbyGone),
-            },
-            d = conn.read_datagram() => {
-                if let Ok(d) = d {
-                    if let Ok((m, _)) = Message::decode(&d) {
-                        let _ = session.handle_message(m, Instant::now());
-                    }
-                }
-            }
-            _ = flushed.notified() => {}
-            // The session's next heartbeat or timeout, or a status write.
-            _ = tokio::time::sleep_until(deadline(session.poll_timeout(), status.deadline())) => {}
-        }
-        let now = Instant::now();
-        if session.handle_timeout(now) {
-            return Ok(Served::StandbyGone);
-        }
-        throttle.acked.store(session.acked(), Relaxed);
-        clock.passed(session.acked(), now);
-        if let Some(g) = gate {
-            g.acked(session.acked());
-            let p = session.state() == PrimaryState::Protected;
-            if p != protected {
-                g.set_protected(p);
-                protected = p;
-            }
-        }
-        if session.state() == PrimaryState::SteppedDown {
-            return Ok(Served::SteppedDown);
-        }
-        if finished() {
-            let t0 = *finished_at.get_or_insert(now);
-            let end = file.metadata()?.len();
-            if session.acked() >= end || now - t0 > Duration::from_secs(5) {
-                return Ok(Served::Finished);
-            }
-        }
-        if status.due(now) {
-            let lag = (clock.ms(session.acked(), now), clock.recent());
-            let text = primary_status(session, "connected", Some(peer), throttle, lag, gate);
-            status.write(text, now);
-        }
     }
 }
 
@@ -345,7 +422,7 @@ pub fn run(
     cmd: Vec<String>,
 ) -> anyhow::Result<u8> {
     let (keys, peer) = tls.load()?;
-    super::arbiter::take_or_refuse()?;
+    super::arbiter::take_or_refuse(listen)?;
     let guard = match &vip {
         Some(v) => Some(v.guard()?),
         None => None,

@@ -60,6 +60,24 @@ pub struct PrimaryPart {
     pub events: u64,
     /// None: no `--vip`, no output rule.
     pub output_rule: Option<Rule>,
+    /// Each connected standby.
+    #[serde(default)]
+    pub standbys: Vec<Link>,
+    /// Standbys that must hold the log before output is released.
+    #[serde(default)]
+    pub sync_standbys: u64,
+}
+
+/// One standby of a primary.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    pub addr: String,
+    pub acked_bytes: u64,
+    /// Log bytes it has not acknowledged.
+    pub lag_bytes: u64,
+    /// It caught up and counts toward the sync quorum.
+    pub in_quorum: bool,
+    pub last_heard_ms: u64,
 }
 
 /// A standby's view.
@@ -146,6 +164,21 @@ impl Report {
                 }
                 None => t.push_str("output rule: off (no --vip)\n"),
             }
+            for l in &p.standbys {
+                let _ = writeln!(
+                    t,
+                    "standby:     {} acknowledged {} bytes ({} behind, {}), heard {} ms ago",
+                    l.addr,
+                    l.acked_bytes,
+                    l.lag_bytes,
+                    if l.in_quorum {
+                        "in the quorum"
+                    } else {
+                        "catching up"
+                    },
+                    l.last_heard_ms
+                );
+            }
         }
         if let Some(s) = &self.standby {
             let _ = write!(
@@ -228,6 +261,20 @@ impl Report {
                 &[],
                 p.unacked_bytes as f64,
             );
+            m.gauge(
+                "hotstandby_standbys",
+                "Standbys connected to this primary",
+                &[],
+                p.standbys.len() as f64,
+            );
+            for l in &p.standbys {
+                m.gauge(
+                    "hotstandby_standby_lag_bytes",
+                    "Log bytes one standby has not acknowledged",
+                    &[("standby", &l.addr)],
+                    l.lag_bytes as f64,
+                );
+            }
             m.gauge(
                 "hotstandby_lag_seconds",
                 "Age of the oldest unacknowledged log byte",
@@ -548,6 +595,14 @@ mod tests {
                     hold_buckets: vec![(100, 5), (1000, 49), (u64::MAX, 50)],
                     hold_sum_us: 20_000,
                 }),
+                standbys: vec![Link {
+                    addr: "198.51.100.2:40000".into(),
+                    acked_bytes: 990,
+                    lag_bytes: 10,
+                    in_quorum: true,
+                    last_heard_ms: 12,
+                }],
+                sync_standbys: 1,
             }),
             ..Report::default()
         }
@@ -581,6 +636,11 @@ mod tests {
         assert!(m.contains("hotstandby_role{role=\"primary\"} 1\n"), "{m}");
         assert!(m.contains("hotstandby_protected 1\n"), "{m}");
         assert!(m.contains("hotstandby_epoch 3\n"), "{m}");
+        assert!(m.contains("hotstandby_standbys 1\n"), "{m}");
+        assert!(
+            m.contains("hotstandby_standby_lag_bytes{standby=\"198.51.100.2:40000\"} 10\n"),
+            "{m}"
+        );
         assert!(m.contains("hotstandby_output_rule_hold_seconds_bucket{le=\"0.0001\"} 5\n"));
         assert!(m.contains("hotstandby_output_rule_hold_seconds_bucket{le=\"+Inf\"} 50\n"));
         assert!(m.contains("hotstandby_output_rule_hold_seconds_count 50\n"));

@@ -67,21 +67,55 @@ pub fn standby(
     };
     let net = vip.clone().zip(guard.as_ref().map(|g| g.gate.clone()));
     let mut replayer: Option<std::thread::JoinHandle<anyhow::Result<i32>>> = None;
-    let lost_at_epoch = rt.block_on(follow(
-        &client,
-        primary,
-        &log,
-        &file,
-        cfg,
-        resume,
-        &feed,
-        &throttle,
-        &data_dir,
-        &mut replayer,
-        &net,
-    ))?;
+    // Where a new standby of this node connects once it is primary.
+    let listen =
+        listen.unwrap_or_else(|| SocketAddr::new("0.0.0.0".parse().expect("addr"), primary.port()));
+    let first = primary;
+    let mut primary = primary;
+    let mut known = false;
+    let lost_at_epoch = loop {
+        let resume = file.metadata()?.len();
+        let end = rt.block_on(follow(
+            &client,
+            primary,
+            &log,
+            &file,
+            cfg,
+            resume,
+            known,
+            &feed,
+            &throttle,
+            &data_dir,
+            &mut replayer,
+            &net,
+        ))?;
+        let Some(lost_epoch) = end else { break None };
+        if replayer.is_none() {
+            break None;
+        }
+        // With an arbiter: go live only holding the leader key (the old
+        // primary's lease has ended, so it no longer releases anything);
+        // follow whoever holds it otherwise.
+        let held = file.metadata()?.len();
+        match super::arbiter::elect(held, primary, listen) {
+            super::arbiter::Elected::Won => {
+                // A torn last frame is not served to this node's standbys
+                // (the live recorder rewrites from its start).
+                cut_log(&path, &file, &feed, u64::MAX, "a torn last frame")?;
+                break Some(lost(&log, lost_epoch, &feed)?);
+            }
+            super::arbiter::Elected::Follow { addr, upto } => {
+                if addr != primary {
+                    let why = format!("where the new primary {addr} continues it");
+                    cut_log(&path, &file, &feed, upto, &why)?;
+                }
+                primary = addr;
+                known = true;
+            }
+        }
+    };
     let Some(rep) = replayer else {
-        bail!("the primary at {primary} was never reached with a log; nothing to take over");
+        bail!("the primary at {first} was never reached with a log; nothing to take over");
     };
     let Some(epoch) = lost_at_epoch else {
         let code = rep
@@ -94,8 +128,6 @@ pub fn standby(
     };
     // Promoted: serve a new standby from the continued log, and tell the
     // old primary, should it come back, that it has been replaced.
-    let listen =
-        listen.unwrap_or_else(|| SocketAddr::new("0.0.0.0".parse().expect("addr"), primary.port()));
     // The session took the next epoch when it declared the primary lost;
     // `serve` keeps it in the log directory.
     tracing::info!("this node is the primary of epoch {epoch}");
@@ -242,8 +274,10 @@ fn start_replay(
         .expect("a thread for the replay")
 }
 
-/// Follow the primary. Returns the epoch this node now holds when the
-/// primary was declared lost (go live), `None` when the log completed.
+/// Follow the primary from byte `resume` of the log (`known`: a primary
+/// this node followed before or the arbiter named, lost if it stays
+/// silent). Returns the epoch this node would hold as primary when the
+/// primary was declared lost, `None` when the log completed.
 #[allow(clippy::too_many_arguments)]
 async fn follow(
     ep: &Endpoint,
@@ -252,6 +286,7 @@ async fn follow(
     file: &std::fs::File,
     cfg: Config,
     resume: u64,
+    known: bool,
     feed: &Arc<LiveFeed>,
     throttle: &Arc<Throttle>,
     data_dir: &Option<PathBuf>,
@@ -272,6 +307,10 @@ async fn follow(
     let mut status = StatusFile::new(log);
     let mut backoff = Duration::from_millis(100);
     let mut last_heard: Option<Instant> = None;
+    if known {
+        session.expect_primary(Instant::now());
+        last_heard = Some(Instant::now());
+    }
     let mut written = resume;
     let mut last_progress = Instant::now();
     let mut catching_up = false;
@@ -294,7 +333,7 @@ async fn follow(
                                 "the primary at {primary} is gone (silent for {} ms)",
                                 t.elapsed().as_millis()
                             );
-                            return Ok(Some(lost(log, &session, feed)?));
+                            return Ok(Some(session.epoch()));
                         }
                     }
                     let why = match other {
@@ -401,7 +440,7 @@ async fn follow(
                     cfg.timeout.as_millis()
                 );
                 conn.close(0u32.into(), b"primary lost");
-                return Ok(Some(lost(log, &session, feed)?));
+                return Ok(Some(session.epoch()));
             }
             if let Some(r) = replayer.as_ref() {
                 if r.is_finished() {
@@ -473,17 +512,69 @@ async fn follow(
     }
 }
 
-/// The primary is declared lost: keep the new epoch, tell the replay to go
-/// live with what it holds.
-fn lost(log: &Path, session: &Standby, feed: &LiveFeed) -> anyhow::Result<u64> {
-    // With an arbiter: not before this node holds the leader key (the old
-    // primary's lease is over, so it no longer releases anything).
-    super::arbiter::wait_for_key();
+/// The primary is declared lost and this node holds the arbiter's key (or
+/// has no arbiter): keep the new epoch, tell the replay to go live with
+/// what it holds.
+fn lost(log: &Path, epoch: u64, feed: &LiveFeed) -> anyhow::Result<u64> {
     // With an arbiter, the epoch is the one it hands out (above any it saw).
-    let epoch = super::arbiter::epoch(session.epoch(), true)?;
+    let epoch = super::arbiter::epoch(epoch, true)?;
     save_epoch(log, epoch)?;
     feed.lost_ms
         .store(hotstandby_netguard::tcp::wall_ms(), Relaxed);
     feed.lost.store(true, Relaxed);
     Ok(epoch)
+}
+
+/// Another standby took over and continues the log from byte `upto` (the
+/// end of the whole frames it held): cut this node's copy to the last
+/// whole frame at or before it, so the new primary's bytes follow on.
+/// The replay is first made to look no further than the cut (its reader
+/// maps the file); a replay already past it cannot follow the new log.
+fn cut_log(
+    path: &Path,
+    file: &std::fs::File,
+    feed: &LiveFeed,
+    upto: u64,
+    why: &str,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let cut = super::frames_upto(path, upto);
+    let len = file.metadata()?.len();
+    if cut >= len {
+        return Ok(());
+    }
+    feed.hold_at.store(cut.max(1), SeqCst);
+    // Every refresh after this look stops at the cut; the replay's view
+    // shrinks to it once it has used what it saw (it is waiting for the
+    // log, or catching up on it, which taking over waits for anyway).
+    let t0 = Instant::now();
+    let mut told = t0;
+    loop {
+        let seen = {
+            let _g = feed.refresh_lock.lock().unwrap_or_else(|e| e.into_inner());
+            feed.seen.load(SeqCst)
+        };
+        if seen <= cut || feed.position.load(SeqCst) > cut {
+            break;
+        }
+        if told.elapsed() > Duration::from_secs(5) {
+            tracing::info!(
+                "waiting for the replay to reach byte {cut} of the log before cutting it ({} s)",
+                t0.elapsed().as_secs()
+            );
+            told = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let at = feed.position.load(SeqCst);
+    if at > cut {
+        bail!(
+            "this standby replayed {at} bytes of the log, past byte {cut} ({why}; its copy held less than this one): restart this standby with an empty log directory"
+        );
+    }
+    file.set_len(cut)
+        .with_context(|| format!("cutting {} to {cut} bytes", path.display()))?;
+    feed.hold_at.store(0, SeqCst);
+    tracing::warn!("the log is cut from {len} to {cut} bytes ({why})");
+    Ok(())
 }
