@@ -633,7 +633,7 @@ fn bad_peers_are_refused_and_the_primary_serves_on() {
     let bo = bad.wait(10);
     let berr = String::from_utf8_lossy(&bo.stderr);
     assert!(
-        berr.contains("not the pinned --peer-cert"),
+        berr.contains("not one of the pinned --peer-cert certificates"),
         "the refusal names the problem: {berr}"
     );
     assert!(
@@ -1778,4 +1778,132 @@ fn with_an_arbiter_two_standbys_one_takes_over_and_the_other_follows_it_without_
     );
     assert_counts(&lines(&f1), N * 3, "s1's file");
     assert_counts(&lines(&f2), N * 3, "s2's file");
+}
+
+/// A CA, a server certificate for `ip` and a client certificate, made with
+/// openssl in `dir` (ca.crt, srv.crt/key, cli.crt/key).
+fn tls_files(dir: &Path, ip: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let script = format!(
+        "set -e
+ec='-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes'
+openssl req -x509 $ec -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca
+openssl req -x509 $ec -keyout other.key -out other.crt -days 2 -subj /CN=other-ca
+printf 'subjectAltName=IP:{ip}\\nextendedKeyUsage=serverAuth,clientAuth\\n' > srv.ext
+printf 'extendedKeyUsage=clientAuth\\n' > cli.ext
+for n in srv cli; do
+  openssl req $ec -keyout $n.key -out $n.csr -subj /CN=$n
+  openssl x509 -req -in $n.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out $n.crt -days 2 -extfile $n.ext
+done"
+    );
+    let o = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn with_an_arbiter_over_mutual_tls_the_standby_takes_over_and_a_wrong_ca_is_refused() {
+    let lab = Lab::new("at");
+    let t = lab.dir.join("tls");
+    tls_files(&t, "198.51.100.2");
+    let f = |n: &str| t.join(n).display().to_string();
+    let etcd = lab
+        .hosts
+        .cmd(&lab.hosts.standby_ns, Path::new("etcd"))
+        .args(["--name", "e0", "--data-dir"])
+        .arg(lab.dir.join("etcd-tls"))
+        .args([
+            "--listen-client-urls",
+            "https://198.51.100.2:2379",
+            "--advertise-client-urls",
+            "https://198.51.100.2:2379",
+            "--listen-peer-urls",
+            "http://198.51.100.2:2380",
+            "--initial-advertise-peer-urls",
+            "http://198.51.100.2:2380",
+            "--initial-cluster",
+            "e0=http://198.51.100.2:2380",
+            "--cert-file",
+            &f("srv.crt"),
+            "--key-file",
+            &f("srv.key"),
+            "--client-cert-auth",
+            "--trusted-ca-file",
+            &f("ca.crt"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd must be installed (etcd-server)");
+    let _etcd = Guard(Some(etcd));
+    wait_until("etcd to answer over TLS", 30, || {
+        lab.hosts
+            .cmd(&lab.hosts.primary_ns, Path::new("curl"))
+            .args(["-sf", "--max-time", "2", "--cacert", &f("ca.crt")])
+            .args(["--cert", &f("cli.crt"), "--key", &f("cli.key")])
+            .args([
+                "-X",
+                "POST",
+                "https://198.51.100.2:2379/v3/maintenance/status",
+                "-d",
+                "{}",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let mut arb = arbiter_args("etcd://198.51.100.2:2379", 2000);
+    // A node that does not trust etcd's CA, and one with no client
+    // certificate, are refused with the reason.
+    for (extra, want) in [
+        (
+            vec!["--arbiter-ca", &f("other.crt")],
+            "TLS to 198.51.100.2:2379",
+        ),
+        (vec!["--arbiter-ca", &f("ca.crt")], "198.51.100.2:2379"),
+    ] {
+        let mut a: Vec<&str> = arb.iter().map(String::as_str).collect();
+        a.extend(extra.iter().map(|s| -> &str { s }));
+        let mut p = lab.primary_with(10, &a);
+        let o = p.wait(30);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(
+            err.contains("asking the arbiter for the leader key") && err.contains(want),
+            "{err}"
+        );
+    }
+    arb.extend(
+        [
+            "--arbiter-ca",
+            &f("ca.crt"),
+            "--arbiter-cert",
+            &f("cli.crt"),
+            "--arbiter-key",
+            &f("cli.key"),
+        ]
+        .map(String::from),
+    );
+    let arb: Vec<&str> = arb.iter().map(String::as_str).collect();
+    let mut p = lab.primary_with(N, &arb);
+    let (mut s, sfile, slog) = lab.standby_with(
+        "s1",
+        &lab.hosts.standby_ns,
+        "198.51.100.1:7600",
+        "198.51.100.2:7600",
+        ["ks", "kp"],
+        &arb,
+        &[],
+    );
+    following(&lab, &slog, &sfile);
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(p.pid(), libc::SIGKILL) };
+    p.wait(10);
+    let so = s.wait(60);
+    let serr = String::from_utf8_lossy(&so.stderr);
+    assert_eq!(so.status.code(), Some(0), "{serr}");
+    assert!(serr.contains("took the arbiter's leader key"), "{serr}");
+    assert_counts(&lines(&sfile), N, "standby's file");
 }

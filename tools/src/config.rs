@@ -48,6 +48,9 @@ pub struct File {
     pub node_name: Option<String>,
     pub arbiter_ttl_ms: Option<u64>,
     pub sync_standbys: Option<usize>,
+    pub arbiter_ca: Option<PathBuf>,
+    pub arbiter_cert: Option<PathBuf>,
+    pub arbiter_key: Option<PathBuf>,
     #[serde(default)]
     pub run: Run,
     #[serde(default)]

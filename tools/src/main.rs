@@ -195,6 +195,16 @@ struct NodeArgs {
     /// This node's name in the arbiter [default: HOSTNAME-PID].
     #[arg(long)]
     node_name: Option<String>,
+    /// Speak TLS to etcd, verifying its members against the CA
+    /// certificates in this PEM file.
+    #[arg(long, value_name = "FILE")]
+    arbiter_ca: Option<PathBuf>,
+    /// Client certificate for etcd (mutual TLS, with --arbiter-key).
+    #[arg(long, value_name = "FILE")]
+    arbiter_cert: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(long, value_name = "FILE")]
+    arbiter_key: Option<PathBuf>,
     /// Standbys that must hold the log before the primary releases output
     /// [default: 1]; more than one needs --arbiter (which also lets a
     /// primary stream to several standbys).
@@ -277,10 +287,31 @@ impl NodeArgs {
                 anyhow::bail!("--arbiter-ttl-ms must be at least 2000 (etcd's shortest lease is about 1.5 s; got {ttl})");
             }
             let ttl = std::time::Duration::from_millis(ttl);
-            let etcd = node::arbiter::Etcd::parse(
+            let mut etcd = node::arbiter::Etcd::parse(
                 &url,
                 (ttl / 10).max(std::time::Duration::from_millis(200)),
             )?;
+            let ca = self.arbiter_ca.or(f.arbiter_ca);
+            let client = match (
+                self.arbiter_cert.or(f.arbiter_cert),
+                self.arbiter_key.or(f.arbiter_key),
+            ) {
+                (None, None) => None,
+                (Some(c), Some(k)) => Some((c, k)),
+                _ => anyhow::bail!("--arbiter-cert and --arbiter-key go together"),
+            };
+            match (ca, &client) {
+                (Some(ca), _) => {
+                    etcd = etcd.with_tls(
+                        &ca,
+                        client.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+                    )?;
+                }
+                (None, Some(_)) => anyhow::bail!(
+                    "--arbiter-cert needs --arbiter-ca (the CA that signed etcd's certificate)"
+                ),
+                (None, None) => {}
+            }
             let name = self.node_name.or(f.node_name).unwrap_or_else(|| {
                 let h = nix::unistd::gethostname()
                     .map(|h| h.to_string_lossy().into_owned())

@@ -20,6 +20,8 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn b64(b: &[u8]) -> String {
@@ -49,6 +51,9 @@ type Kv = (Vec<u8>, i64);
 pub struct Etcd {
     members: Vec<String>,
     timeout: Duration,
+    /// TLS to etcd (`--arbiter-ca`, and with `--arbiter-cert`/`-key`
+    /// mutual TLS); plain HTTP without.
+    tls: Option<Arc<rustls::ClientConfig>>,
     /// The member that answered last: asked first next time (a dead or
     /// partitioned member costs a timeout on every call otherwise).
     preferred: std::sync::atomic::AtomicUsize,
@@ -77,8 +82,53 @@ impl Etcd {
         Ok(Etcd {
             members,
             timeout,
+            tls: None,
             preferred: 0.into(),
         })
+    }
+
+    /// Speak TLS to etcd: verify its members against the CA certificates
+    /// in `ca` (PEM) and, with `client` (certificate, key), present that
+    /// certificate (etcd's `--client-cert-auth`).
+    pub fn with_tls(mut self, ca: &Path, client: Option<(&Path, &Path)>) -> anyhow::Result<Self> {
+        let pem = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut pem(ca)?.as_slice()) {
+            let c = c.with_context(|| format!("{}: not a PEM certificate", ca.display()))?;
+            roots
+                .add(c)
+                .with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
+        }
+        if roots.is_empty() {
+            bail!("--arbiter-ca {}: no certificate in it", ca.display());
+        }
+        let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .context("TLS for the arbiter")?
+        .with_root_certificates(roots);
+        let cfg = match client {
+            None => b.with_no_client_auth(),
+            Some((cert, key)) => {
+                let certs: Vec<_> = rustls_pemfile::certs(&mut pem(cert)?.as_slice())
+                    .collect::<Result<_, _>>()
+                    .with_context(|| format!("{}: not a PEM certificate", cert.display()))?;
+                if certs.is_empty() {
+                    bail!("--arbiter-cert {}: no certificate in it", cert.display());
+                }
+                let k = rustls_pemfile::private_key(&mut pem(key)?.as_slice())
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| {
+                        anyhow!("--arbiter-key {}: no private key in it", key.display())
+                    })?;
+                b.with_client_auth_cert(certs, k)
+                    .context("the arbiter client certificate and key")?
+            }
+        };
+        self.tls = Some(Arc::new(cfg));
+        Ok(self)
     }
 
     /// One gateway call; the first member that answers wins.
@@ -89,7 +139,7 @@ impl Etcd {
         for k in 0..self.members.len() {
             let i = (first + k) % self.members.len();
             let m = &self.members[i];
-            match post(m, path, &body.to_string(), self.timeout) {
+            match post(m, path, &body.to_string(), self.timeout, self.tls.as_ref()) {
                 Ok(v) => {
                     self.preferred.store(i, Relaxed);
                     return Ok(v);
@@ -209,8 +259,15 @@ impl Etcd {
     }
 }
 
-/// One HTTP/1.1 POST with `Connection: close`; the JSON body of a 200.
-fn post(member: &str, path: &str, body: &str, timeout: Duration) -> anyhow::Result<Value> {
+/// One HTTP/1.1 POST with `Connection: close` (over TLS with `tls`); the
+/// JSON body of a 200.
+fn post(
+    member: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<Value> {
     let addrs: Vec<SocketAddr> = member
         .to_socket_addrs()
         .with_context(|| format!("resolving {member}"))?
@@ -218,16 +275,26 @@ fn post(member: &str, path: &str, body: &str, timeout: Duration) -> anyhow::Resu
     let sa = addrs
         .first()
         .ok_or_else(|| anyhow!("{member}: no address"))?;
-    let mut c = TcpStream::connect_timeout(sa, timeout)?;
+    let c = TcpStream::connect_timeout(sa, timeout)?;
     c.set_read_timeout(Some(timeout))?;
     c.set_write_timeout(Some(timeout))?;
-    write!(
-        c,
+    let req = format!(
         "POST {path} HTTP/1.1\r\nHost: {member}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
-    let mut resp = Vec::new();
-    c.take(4 << 20).read_to_end(&mut resp)?;
+    );
+    let resp = match tls {
+        None => exchange(c, &req)?,
+        Some(cfg) => {
+            let host = member.rsplit_once(':').map_or(member, |(h, _)| h);
+            let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']))
+                .with_context(|| format!("{member}: not a host name for TLS"))?
+                .to_owned();
+            let conn = rustls::ClientConnection::new(cfg.clone(), name)
+                .with_context(|| format!("TLS to {member}"))?;
+            exchange(rustls::StreamOwned::new(conn, c), &req)
+                .with_context(|| format!("TLS to {member}"))?
+        }
+    };
     let split = resp
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -255,6 +322,21 @@ fn post(member: &str, path: &str, body: &str, timeout: Duration) -> anyhow::Resu
         bail!("etcd: {e}");
     }
     Ok(v)
+}
+
+/// Send `req`, read the whole answer (at most 4 MiB).
+fn exchange<S: Read + Write>(mut s: S, req: &str) -> anyhow::Result<Vec<u8>> {
+    s.write_all(req.as_bytes())?;
+    s.flush()?;
+    let mut resp = Vec::new();
+    match s.take(4 << 20).read_to_end(&mut resp) {
+        Ok(_) => {}
+        // A TLS peer that closes without close_notify after a complete
+        // answer (`Connection: close`): keep what came.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !resp.is_empty() => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(resp)
 }
 
 fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {

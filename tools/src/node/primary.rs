@@ -57,7 +57,8 @@ async fn link(
     let conn = match inc.await {
         Ok(c) => c,
         Err(e) => {
-            let _ = ev.send(gone(format!("refused a connection: {e}")));
+            tracing::warn!("refused a connection: {e}");
+            let _ = ev.send(gone(String::new()));
             return;
         }
     };
@@ -273,10 +274,11 @@ pub(super) async fn serve(
         clock.passed(session.acked(), now);
         if let Some(g) = &gate {
             g.acked(session.acked());
-            let p = session.state() == PrimaryState::Protected;
-            if p != protected {
-                g.set_protected(p);
-                protected = p;
+            // Protection ends only through the probe below (all standbys
+            // gone): output stays held until it is known who serves.
+            if session.state() == PrimaryState::Protected && !protected {
+                g.set_protected(true);
+                protected = true;
             }
         }
         if session.state() == PrimaryState::SteppedDown {
