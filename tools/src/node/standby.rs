@@ -52,6 +52,9 @@ pub fn standby(
         .open(&path)?;
     file.set_len(resume)?;
     let feed = Arc::new(LiveFeed::default());
+    // Unknown until the replay first looks at the log (`cut_log` waits).
+    feed.seen
+        .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
     let throttle = Arc::new(Throttle::new(cfg.max_unacked));
     let rt = runtime()?;
     let client = {
@@ -97,17 +100,18 @@ pub fn standby(
         // primary's lease has ended, so it no longer releases anything);
         // follow whoever holds it otherwise.
         let held = file.metadata()?.len();
+        let alive = || replayer.as_ref().is_some_and(|r| !r.is_finished());
         match super::arbiter::elect(held, primary, listen) {
             super::arbiter::Elected::Won => {
                 // A torn last frame is not served to this node's standbys
                 // (the live recorder rewrites from its start).
-                cut_log(&path, &file, &feed, u64::MAX, "a torn last frame")?;
+                cut_log(&path, &file, &feed, u64::MAX, "a torn last frame", &alive)?;
                 break Some(lost(&log, lost_epoch, &feed)?);
             }
             super::arbiter::Elected::Follow { addr, upto } => {
                 if addr != primary {
                     let why = format!("where the new primary {addr} continues it");
-                    cut_log(&path, &file, &feed, upto, &why)?;
+                    cut_log(&path, &file, &feed, upto, &why, &alive)?;
                 }
                 primary = addr;
                 known = true;
@@ -536,6 +540,7 @@ fn cut_log(
     feed: &LiveFeed,
     upto: u64,
     why: &str,
+    replay_alive: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering::SeqCst;
     let cut = super::frames_upto(path, upto);
@@ -556,6 +561,12 @@ fn cut_log(
         };
         if seen <= cut || feed.position.load(SeqCst) > cut {
             break;
+        }
+        if !replay_alive() {
+            // It ended (the program exited, or replay failed): nothing
+            // reads the log any more, and joining it reports why.
+            feed.hold_at.store(0, SeqCst);
+            return Ok(());
         }
         if told.elapsed() > Duration::from_secs(5) {
             tracing::info!(
