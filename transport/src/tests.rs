@@ -29,6 +29,23 @@ fn node(name: &str) -> (Dir, NodeKeys) {
     (Dir(d), keys)
 }
 
+/// Connect, send a message and wait for one (within 5 s). A server that
+/// rejects the client certificate does so after the client's side of the
+/// handshake completed: using the connection is what fails.
+async fn use_connection(
+    cli: &Endpoint,
+    addr: SocketAddr,
+) -> Result<Option<Message>, TransportError> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let conn = connect(cli, addr).await?;
+        let mut s = MsgStream::open(&conn).await?;
+        s.send(&Message::Ack { offset: 1 }).await?;
+        s.recv().await
+    })
+    .await
+    .expect("bounded")
+}
+
 fn lo() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
@@ -89,18 +106,8 @@ async fn an_unpinned_certificate_is_refused_both_ways() {
         inc.await.err().map(|e| e.to_string())
     });
     let cli = client(lo(), &c, vec![a.cert.clone()]).unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(5), async {
-        let conn = connect(&cli, addr).await?;
-        // The server rejects the client certificate after the client's
-        // side of the handshake completed; using the connection fails.
-        let mut s = MsgStream::open(&conn).await?;
-        s.send(&Message::Ack { offset: 1 }).await?;
-        s.recv().await
-    })
-    .await
-    .expect("bounded");
     assert!(
-        r.is_err(),
+        use_connection(&cli, addr).await.is_err(),
         "a client with an unpinned certificate must be refused"
     );
     let server_side = acc
@@ -202,15 +209,10 @@ async fn a_peer_cert_file_of_several_certificates_pins_each_of_them() {
     }
     // A third, unlisted certificate is still refused.
     let cli = client(lo(), &d, vec![a.cert.clone()]).unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(5), async {
-        let conn = connect(&cli, addr).await?;
-        let mut s = MsgStream::open(&conn).await?;
-        s.send(&Message::Ack { offset: 1 }).await?;
-        s.recv().await
-    })
-    .await
-    .expect("bounded");
-    assert!(r.is_err(), "an unlisted certificate must be refused");
+    assert!(
+        use_connection(&cli, addr).await.is_err(),
+        "an unlisted certificate must be refused"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     srv.close(0u32.into(), b"");
     assert_eq!(acc.await.unwrap(), 2, "both listed standbys were accepted");

@@ -538,22 +538,23 @@ fn chained_failovers_take_ever_higher_epochs() {
 fn primary_with(cfg: Config, ids: &[PeerId], now: Instant) -> Primary {
     let mut p = Primary::new(cfg, 1, SHA);
     for &id in ids {
-        p.handle_connected(id, now);
-        p.handle_message(
-            id,
-            Message::Hello {
-                version_min: VERSION_MIN,
-                version_max: VERSION_MAX,
-                role: Role::Standby,
-                epoch: 0,
-                resume_offset: 0,
-                exe_sha256: SHA,
-            },
-            now,
-        )
-        .unwrap();
+        join(&mut p, id, now);
     }
     p
+}
+
+/// Standby `id` connects and says hello with no log of its own.
+fn join(p: &mut Primary, id: PeerId, now: Instant) {
+    p.handle_connected(id, now);
+    let hello = Message::Hello {
+        version_min: VERSION_MIN,
+        version_max: VERSION_MAX,
+        role: Role::Standby,
+        epoch: 0,
+        resume_offset: 0,
+        exe_sha256: SHA,
+    };
+    p.handle_message(id, hello, now).unwrap();
 }
 
 /// Everything the primary has to send now, by standby (log bytes counted).
@@ -646,20 +647,7 @@ fn a_standby_catching_up_neither_lowers_the_mark_nor_starves_the_others() {
     // A second standby joins far behind a long log: it is not in the
     // quorum until it caught up, so output keeps flowing on standby 1.
     p.log_appended(20_000);
-    p.handle_connected(2, now);
-    p.handle_message(
-        2,
-        Message::Hello {
-            version_min: VERSION_MIN,
-            version_max: VERSION_MAX,
-            role: Role::Standby,
-            epoch: 0,
-            resume_offset: 0,
-            exe_sha256: SHA,
-        },
-        now,
-    )
-    .unwrap();
+    join(&mut p, 2, now);
     // The caught-up standby's bytes go first.
     let mut order = vec![];
     for _ in 0..6 {
