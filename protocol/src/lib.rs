@@ -5,6 +5,7 @@
 //! validated records. Reading files, mapping memory and talking to the kernel
 //! belong to `hotstandby-recorder` and `hotstandby-replayer`.
 
+pub mod checkpoint;
 pub mod decide;
 pub mod frame;
 pub mod observe;

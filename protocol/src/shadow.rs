@@ -269,6 +269,108 @@ impl<T> Default for Shadow<T> {
 }
 
 impl<T: Clone> Shadow<T> {
+    /// The shadow as plain data for a checkpoint (`extra` gives each
+    /// connection's tail and whether it is whole); with
+    /// [`Shadow::from_image`] it comes back the same.
+    pub fn image(
+        &self,
+        extra: impl Fn(&T) -> (Vec<u8>, bool),
+    ) -> (
+        Vec<crate::checkpoint::ProcImage>,
+        Vec<crate::checkpoint::ConnImage>,
+        u64,
+    ) {
+        let kind = |k: FdKind| match k {
+            FdKind::File => 0u8,
+            FdKind::Internal => 1,
+            FdKind::External => 2,
+        };
+        let mut procs: Vec<_> = self
+            .procs
+            .iter()
+            .map(|(g, p)| crate::checkpoint::ProcImage {
+                tgid: *g,
+                fds: p.fds.iter().map(|(f, k)| (*f, kind(*k))).collect(),
+                sigact: p.sigact.iter().map(|a| (a.handler, a.flags)).collect(),
+            })
+            .collect();
+        procs.sort_by_key(|p| p.tgid);
+        let mut by: HashMap<ConnId, Vec<FdRef>> = HashMap::new();
+        for (fd, id) in &self.conns.fds {
+            by.entry(*id).or_default().push(*fd);
+        }
+        let mut ids: Vec<&ConnId> = self.conns.items.keys().collect();
+        ids.sort_unstable();
+        let conns = ids
+            .into_iter()
+            .map(|id| {
+                let c = &self.conns.items[id];
+                let mut fds = by.remove(id).unwrap_or_default();
+                fds.sort_unstable();
+                let (tail, tail_ok) = extra(&c.extra);
+                crate::checkpoint::ConnImage {
+                    fds,
+                    tcp: c.tcp.clone(),
+                    read: c.read,
+                    written: c.written,
+                    tail,
+                    tail_ok,
+                }
+            })
+            .collect();
+        (procs, conns, self.conns.next)
+    }
+
+    /// The shadow a checkpoint saved with [`Shadow::image`].
+    pub fn from_image(
+        procs: &[crate::checkpoint::ProcImage],
+        conns: &[crate::checkpoint::ConnImage],
+        next: u64,
+        extra: impl Fn(&crate::checkpoint::ConnImage) -> T,
+    ) -> Self {
+        let mut s = Shadow::default();
+        for p in procs {
+            let mut sigact = [SigAct::default(); NSIG];
+            for (i, (h, f)) in p.sigact.iter().enumerate().take(NSIG) {
+                sigact[i] = SigAct {
+                    handler: *h,
+                    flags: *f,
+                };
+            }
+            let fds = p
+                .fds
+                .iter()
+                .map(|(f, k)| {
+                    let k = match k {
+                        0 => FdKind::File,
+                        1 => FdKind::Internal,
+                        _ => FdKind::External,
+                    };
+                    (*f, k)
+                })
+                .collect();
+            s.procs.insert(p.tgid, Process { fds, sigact });
+        }
+        let mut id = 0;
+        for c in conns {
+            id += 1;
+            s.conns.items.insert(
+                id,
+                Conn {
+                    tcp: c.tcp.clone(),
+                    read: c.read,
+                    written: c.written,
+                    extra: extra(c),
+                },
+            );
+            for fd in &c.fds {
+                s.conns.fds.insert(*fd, id);
+            }
+        }
+        s.conns.next = next.max(id);
+        s
+    }
+
     /// The first process, holding the fds it inherited (all external).
     pub fn new(tgid: u32, inherited: impl IntoIterator<Item = i32>) -> Self {
         let mut s = Shadow::default();

@@ -458,6 +458,8 @@ pub struct EventCursor {
     next_seq: u64,
     base: usize,
     cache: std::collections::VecDeque<Event>,
+    /// Byte offset and sequence number of each cached event's frame.
+    starts: std::collections::VecDeque<(u64, u64)>,
     identity: Identity,
     trailer: Option<Trailer>,
 }
@@ -480,6 +482,7 @@ impl EventCursor {
             next_seq: 0,
             base: 0,
             cache: Default::default(),
+            starts: Default::default(),
             identity: Identity {
                 argv: vec![],
                 env: vec![],
@@ -600,6 +603,7 @@ impl EventCursor {
     pub fn get(&mut self, i: usize) -> Result<Option<&Event>, LogError> {
         assert!(i >= self.base, "event {i} was released");
         while self.base + self.cache.len() <= i {
+            let at = (self.pos as u64, self.next_seq);
             match self.next_record()? {
                 Some(Record::Event(e)) => {
                     if self.trailer.is_some() {
@@ -610,7 +614,8 @@ impl EventCursor {
                             reason: "event after the trailer".into(),
                         }));
                     }
-                    self.cache.push_back(e)
+                    self.cache.push_back(e);
+                    self.starts.push_back(at);
                 }
                 Some(Record::Trailer(t)) => self.trailer = Some(t),
                 Some(Record::Header(_)) => {
@@ -631,8 +636,41 @@ impl EventCursor {
     pub fn release_before(&mut self, i: usize) {
         while self.base < i && !self.cache.is_empty() {
             self.cache.pop_front();
+            self.starts.pop_front();
             self.base += 1;
         }
+    }
+
+    /// Byte offset and sequence number of event `i`'s frame (an event
+    /// already decoded and not released).
+    pub fn start_of(&self, i: usize) -> Option<(u64, u64)> {
+        self.starts.get(i.checked_sub(self.base)?).copied()
+    }
+
+    /// Go on from the frame at byte `offset` with sequence number `seq`,
+    /// which holds event `index` (a checkpoint's position): nothing before
+    /// it is read again (and may be gone from the file).
+    pub fn seek(&mut self, offset: u64, seq: u64, index: usize) -> Result<(), LogError> {
+        if offset as usize > self.bytes().len() || (offset as usize) < frame::FILE_HEADER_LEN {
+            return Err(LogError::Corrupt {
+                path: self.path.clone(),
+                source: FrameError::Invalid {
+                    seq,
+                    offset: offset as usize,
+                    reason: format!(
+                        "a checkpoint continues the log at byte {offset}, the log holds {}",
+                        self.bytes().len()
+                    ),
+                },
+            });
+        }
+        self.pos = offset as usize;
+        self.next_seq = seq;
+        self.base = index;
+        self.cache.clear();
+        self.starts.clear();
+        self.trailer = None;
+        Ok(())
     }
 
     /// Bytes of the stream consumed so far (the end of the last frame read).

@@ -50,6 +50,9 @@ pub enum ReplayError {
     /// A thread's syscall buffer could not be read or written.
     #[error("syscall buffer: {0}")]
     Buffer(String),
+    /// Taking a checkpoint or starting from one failed.
+    #[error(transparent)]
+    Checkpoint(Box<crate::checkpoint::CkError>),
     /// Preparing the data directory failed.
     #[error("preparing the data directory {path}: {source}")]
     DataDir {
@@ -76,6 +79,10 @@ pub struct ReplayOptions {
     /// the program bound to it is bound to it again (IP_FREEBIND), although
     /// the address arrives only after the sockets are ready.
     pub vip: Option<std::net::IpAddr>,
+    /// Take checkpoints of the replayed program as it goes.
+    pub checkpoints: Option<crate::checkpoint::Policy>,
+    /// Start from this checkpoint instead of the log's first event.
+    pub resume: Option<PathBuf>,
 }
 
 /// Shared between a standby's network side and its replay.
@@ -98,6 +105,8 @@ pub struct LiveFeed {
     /// `seen`: a standby that set `hold_at` and then reads `seen` under
     /// it knows every later refresh stops at `hold_at`.
     pub refresh_lock: std::sync::Mutex<()>,
+    /// Log position of the last checkpoint taken (0: none yet).
+    pub checkpoint: std::sync::atomic::AtomicU64,
 }
 
 impl LiveFeed {
@@ -213,6 +222,23 @@ pub(crate) struct Engine<'a> {
     pub fdtabs: HashMap<u32, u64>,
     /// The syscall buffer library the program runs with.
     pub preload: Option<PathBuf>,
+    /// The log's id (checkpoints name the log they continue).
+    pub log_id: [u8; 32],
+    /// The data directory the program sees, on this machine's side.
+    pub data_host: Option<PathBuf>,
+    /// Where the current event's frame starts, and its sequence number.
+    pub event_start: u64,
+    pub event_seq: u64,
+    pub ckpt: CkClock,
+}
+
+/// When the last checkpoint was taken.
+#[derive(Debug)]
+pub(crate) struct CkClock {
+    pub last_pos: u64,
+    pub last_at: std::time::Instant,
+    /// Events passed over since one fell due (not at a clean point).
+    pub deferred: u64,
 }
 
 /// Check that the program on this machine is the one recorded, under the
@@ -356,10 +382,70 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
     } else {
         None
     };
+    let ck = match &opts.resume {
+        Some(path) => Some(open_checkpoint(path, dir, &log)?),
+        None => None,
+    };
+    let ckp = match &ck {
+        Some(m) => Some(
+            m.parse()
+                .map_err(|e| ReplayError::Checkpoint(Box::new(e)))?,
+        ),
+        None => None,
+    };
+    if let (Some(c), Some((own, _))) = (&ckp, &bind) {
+        crate::checkpoint::unpack_files(c, own)
+            .map_err(|e| ReplayError::Checkpoint(Box::new(e)))?;
+    }
     let pin = hotstandby_tracer::pin::pin_here();
     let started = spawn::spawn(&log, bind.as_ref().map(|(a, b)| (a.as_path(), b.as_path())))?;
     let pid = started.task.tid();
     let mut guard = KillGuard(pid, true);
+    if let Some(c) = &ckp {
+        let t0 = std::time::Instant::now();
+        let restored = crate::checkpoint::restore(c, started.task, started.ns_pid)
+            .map_err(|e| ReplayError::Checkpoint(Box::new(e)))?;
+        let (shadow, sockets, outbox, fdtabs) = crate::checkpoint::engine_parts(&c.state.engine);
+        src.seek(c.state.position, c.state.next_seq, c.state.index as usize)?;
+        tracing::info!(
+            position = c.state.position,
+            event = c.state.index,
+            restore_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "restored from checkpoint"
+        );
+        let mut e = Engine {
+            src,
+            shadow,
+            sockets,
+            tail_max: tail_max(),
+            fills: HashMap::new(),
+            opts,
+            threads: restored.threads,
+            leader_live: pid,
+            exit_status: None,
+            idx: c.state.index as usize,
+            pin,
+            filled: HashMap::new(),
+            outbox,
+            fdtabs,
+            preload: (!log.preload.is_empty()).then(hotstandby_tracer::buffer::lib_path),
+            log_id: c.state.log_id,
+            data_host: bind.as_ref().map(|(a, _)| a.clone()),
+            event_start: c.state.position,
+            event_seq: c.state.next_seq,
+            ckpt: CkClock {
+                last_pos: c.state.position,
+                last_at: std::time::Instant::now(),
+                deferred: 0,
+            },
+        };
+        let out = e.run()?;
+        guard.1 = false;
+        if out.handover.is_some() {
+            std::mem::forget(scratch);
+        }
+        return Ok(out);
+    }
     // The first event names the main thread; a log that is still arriving
     // may not hold it yet.
     let mut first = src.get(0)?.map(|e| e.tid());
@@ -391,6 +477,15 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
         outbox: HashMap::new(),
         fdtabs: HashMap::new(),
         preload: (!log.preload.is_empty()).then(hotstandby_tracer::buffer::lib_path),
+        log_id: hotstandby_recorder::logfile::log_id(dir).unwrap_or([0; 32]),
+        data_host: bind.as_ref().map(|(a, _)| a.clone()),
+        event_start: 0,
+        event_seq: 0,
+        ckpt: CkClock {
+            last_pos: 0,
+            last_at: std::time::Instant::now(),
+            deferred: 0,
+        },
     };
     if let Some(f) = first {
         if f != ns {
@@ -420,6 +515,25 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
         std::mem::forget(scratch);
     }
     Ok(out)
+}
+
+/// Open a checkpoint to start from and check that it continues this log.
+fn open_checkpoint(
+    path: &Path,
+    dir: &Path,
+    log: &Identity,
+) -> Result<crate::checkpoint::Mapped, ReplayError> {
+    let wrap = |e| ReplayError::Checkpoint(Box::new(e));
+    let m = crate::checkpoint::Mapped::open(path).map_err(wrap)?;
+    let st = m.parse().map_err(wrap)?.state;
+    crate::checkpoint::check_fits(
+        path,
+        &st,
+        hotstandby_recorder::logfile::log_id(dir),
+        &log.exe_sha256,
+    )
+    .map_err(wrap)?;
+    Ok(m)
 }
 
 /// A stop as words, for divergence messages.
@@ -586,6 +700,13 @@ impl Engine<'_> {
                     .store(self.src.position(), std::sync::atomic::Ordering::Relaxed);
             }
             tracing::trace!(idx = self.idx, ?ev, "replay");
+            if let Some((at, seq)) = self.src.start_of(self.idx) {
+                self.event_start = at;
+                self.event_seq = seq;
+            }
+            if self.opts.checkpoints.is_some() {
+                self.maybe_checkpoint(&ev)?;
+            }
             match &ev {
                 Event::Batch { tid, .. } => self.on_batch(*tid)?,
                 Event::Syscall(s) => self.on_syscall(s)?,

@@ -7,6 +7,7 @@
 //! (going live), [`divergence`].
 
 mod buffer;
+pub mod checkpoint;
 pub mod divergence;
 mod engine;
 mod net;

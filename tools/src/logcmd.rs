@@ -220,7 +220,18 @@ fn verify(dir: &Path) -> Result<u8, LogError> {
     Ok(0)
 }
 
-pub fn replay(dir: &Path, show: bool, go_live: bool) -> anyhow::Result<u8> {
+/// Checkpoints asked of `hotstandby replay`.
+#[derive(Debug, Default)]
+pub struct Checkpoints {
+    pub every: Option<u64>,
+    pub dir: Option<PathBuf>,
+    pub from: Option<PathBuf>,
+}
+
+/// Exit status when a checkpoint is refused (corrupt, foreign) or cannot be used.
+pub const EXIT_CHECKPOINT: u8 = 6;
+
+pub fn replay(dir: &Path, show: bool, go_live: bool, ck: Checkpoints) -> anyhow::Result<u8> {
     use hotstandby_replayer::{ReplayError, ReplayOptions, ReplayOutcome};
     // Refuse a corrupt log before anything runs (same message as verify).
     let code = with_log(dir, |d| logfile::scan(d, |_, _| {}).map(|_| 0))?;
@@ -232,6 +243,15 @@ pub fn replay(dir: &Path, show: bool, go_live: bool) -> anyhow::Result<u8> {
         &ReplayOptions {
             show_output: show,
             go_live,
+            checkpoints: ck
+                .every
+                .map(|every| hotstandby_replayer::checkpoint::Policy {
+                    dir: ck.dir.clone().unwrap_or_else(|| dir.join("checkpoints")),
+                    every_bytes: every,
+                    every: None,
+                    keep: 2,
+                }),
+            resume: ck.from.clone(),
             ..Default::default()
         },
     ) {
@@ -279,6 +299,10 @@ pub fn replay(dir: &Path, show: bool, go_live: bool) -> anyhow::Result<u8> {
         Err(ReplayError::Log(e)) => {
             eprintln!("hotstandby: corrupt log: {e}");
             Ok(EXIT_CORRUPT)
+        }
+        Err(ReplayError::Checkpoint(e)) => {
+            eprintln!("hotstandby: {e}");
+            Ok(EXIT_CHECKPOINT)
         }
         Err(e) => Err(e).context("replay failed"),
     }

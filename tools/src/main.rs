@@ -52,6 +52,17 @@ enum Cmd {
         /// same log: what a standby does when its primary dies.
         #[arg(long)]
         go_live: bool,
+        /// Take a checkpoint of the replayed program every this many log
+        /// bytes (suffixes K, M, G), at the next clean point.
+        #[arg(long, value_parser = parse_bytes)]
+        checkpoint_every: Option<u64>,
+        /// Where checkpoints go (default: LOG/checkpoints); the last two are kept.
+        #[arg(long)]
+        checkpoint_dir: Option<PathBuf>,
+        /// Start from this checkpoint (taken from this log) instead of the
+        /// first event.
+        #[arg(long)]
+        from_checkpoint: Option<PathBuf>,
     },
     /// A whole network takeover on this machine (root): a lab of network
     /// namespaces, redis-server under `run` with a virtual IP, a standby,
@@ -226,6 +237,23 @@ struct NodeSettings {
 }
 
 /// `--FLAG` or `KEY` of the config file, or an error naming both.
+/// A byte count with an optional K, M or G suffix (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (like 64M)"))?;
+    n.checked_mul(mul)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} is not a usable byte count"))
+}
+
 fn need<T>(v: Option<T>, flag: &str, key: &str) -> anyhow::Result<T> {
     v.ok_or_else(|| anyhow::anyhow!("--{flag} is required (or `{key}` in the --config file)"))
 }
@@ -455,7 +483,19 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             log,
             show_output,
             go_live,
-        } => logcmd::replay(&log, show_output, go_live),
+            checkpoint_every,
+            checkpoint_dir,
+            from_checkpoint,
+        } => logcmd::replay(
+            &log,
+            show_output,
+            go_live,
+            logcmd::Checkpoints {
+                every: checkpoint_every,
+                dir: checkpoint_dir,
+                from: from_checkpoint,
+            },
+        ),
         Cmd::Log { cmd } => logcmd::run(cmd),
         Cmd::Demo => demo::run(),
         Cmd::DemoServer { port } => demo::server(port),

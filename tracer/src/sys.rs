@@ -591,3 +591,142 @@ pub fn dup_from(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd, SysError> {
     // SAFETY: dup is a fresh descriptor returned by the kernel, owned here.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(dup as i32) })
 }
+
+const NT_X86_XSTATE: libc::c_int = 0x202;
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+
+/// The extended FPU state (`NT_X86_XSTATE`) of a stopped thread.
+pub fn get_xstate(tid: i32) -> Result<Vec<u8>, SysError> {
+    let mut buf = vec![0u8; 16384];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: the kernel writes at most iov_len bytes into buf, which
+    // outlives the call, and updates iov_len to what it wrote.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec,
+        )
+    };
+    if r < 0 {
+        return Err(os("PTRACE_GETREGSET", tid, nix::Error::last()));
+    }
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+/// Put back an extended FPU state read by [`get_xstate`].
+pub fn set_xstate(tid: i32, state: &[u8]) -> Result<(), SysError> {
+    let mut buf = state.to_vec();
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: the kernel reads iov_len bytes from buf, which outlives the call.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            tid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec,
+        )
+    };
+    if r < 0 {
+        return Err(os("PTRACE_SETREGSET", tid, nix::Error::last()));
+    }
+    Ok(())
+}
+
+/// The blocked-signal mask of a stopped thread.
+pub fn get_sigmask(tid: i32) -> Result<u64, SysError> {
+    let mut m: u64 = 0;
+    // SAFETY: the kernel writes 8 bytes (the size we pass) into m.
+    let r = unsafe { libc::ptrace(PTRACE_GETSIGMASK, tid, 8usize, &mut m as *mut u64) };
+    if r < 0 {
+        return Err(os("PTRACE_GETSIGMASK", tid, nix::Error::last()));
+    }
+    Ok(m)
+}
+
+/// Set the blocked-signal mask of a stopped thread.
+pub fn set_sigmask(tid: i32, mask: u64) -> Result<(), SysError> {
+    // SAFETY: the kernel reads 8 bytes (the size we pass) from mask.
+    let r = unsafe { libc::ptrace(PTRACE_SETSIGMASK, tid, 8usize, &mask as *const u64) };
+    if r < 0 {
+        return Err(os("PTRACE_SETSIGMASK", tid, nix::Error::last()));
+    }
+    Ok(())
+}
+
+/// A thread's robust futex list (head, length).
+pub fn get_robust_list(tid: i32) -> Result<(u64, u64), SysError> {
+    let mut head: u64 = 0;
+    let mut len: usize = 0;
+    // SAFETY: the kernel writes one pointer-sized word into each of head
+    // and len, both live locals.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    };
+    if r < 0 {
+        return Err(os("get_robust_list", tid, nix::Error::last()));
+    }
+    Ok((head, len as u64))
+}
+
+/// Whether fd `a` of process `pa` and fd `b` of `pb` are the same open
+/// file description (kcmp KCMP_FILE).
+pub fn same_file(pa: i32, a: i32, pb: i32, b: i32) -> bool {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: kcmp takes integers only and touches no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) };
+    r == 0
+}
+
+/// The bytes queued in a pipe, without taking them: `tee` them into a
+/// pipe of ours and read that. `src` is the pipe's read end (a duplicate
+/// in the supervisor).
+pub fn pipe_contents(src: std::os::fd::BorrowedFd<'_>, size: usize) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+        .map_err(io::Error::from)?;
+    // SAFETY: F_SETPIPE_SZ takes an integer; w is our open pipe.
+    unsafe {
+        libc::fcntl(
+            w.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            size.max(4096) as libc::c_int,
+        )
+    };
+    // SAFETY: tee takes two fds we hold open and integers.
+    let n = unsafe {
+        libc::tee(
+            src.as_raw_fd(),
+            w.as_raw_fd(),
+            size.max(4096),
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EAGAIN) {
+            Ok(Vec::new()) // empty
+        } else {
+            Err(e)
+        };
+    }
+    drop(w);
+    let mut out = Vec::with_capacity(n as usize);
+    File::from(r).read_to_end(&mut out)?;
+    Ok(out)
+}

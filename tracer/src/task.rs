@@ -72,6 +72,9 @@ pub enum TaskError {
     Wait(nix::Error),
     #[error(transparent)]
     Sys(#[from] SysError),
+    /// A syscall made in a thread by the supervisor faulted instead.
+    #[error("thread {tid} got signal {sig} instead of making injected syscall {nr}")]
+    Injected { tid: Tid, nr: i64, sig: i32 },
 }
 
 /// A thread stopped under ptrace.
@@ -250,6 +253,72 @@ impl Stopped {
                 Waited::Stopped(s, Stop::Entry) => run = s.syscall(0)?,
                 Waited::Stopped(s, Stop::Signal { .. } | Stop::Group { .. }) => {
                     run = s.syscall(0)?
+                }
+                Waited::Stopped(s, _) => run = s.syscall(0)?,
+                Waited::Exited(t, _) | Waited::Killed(t, _) => {
+                    return Err(SysError::Died { tid: t }.into())
+                }
+            }
+        }
+    }
+
+    /// From any stop: make syscall `nr(args)` from the `syscall`
+    /// instruction at `site`, run it to its exit and return the thread
+    /// there with its result (and the thread or process it created, for a
+    /// clone). A syscall the thread stood at the entry of is skipped first.
+    /// The caller puts back the registers the program must see.
+    pub fn call_at(
+        mut self,
+        site: u64,
+        nr: i64,
+        args: &[u64; 6],
+    ) -> Result<(Stopped, i64, Option<Tid>), TaskError> {
+        let mut r = self.regs()?;
+        r.orig_rax = u64::MAX;
+        r.rax = nr as u64;
+        r.rip = site;
+        r.rdi = args[0];
+        r.rsi = args[1];
+        r.rdx = args[2];
+        r.r10 = args[3];
+        r.r8 = args[4];
+        r.r9 = args[5];
+        self.set_regs(&r)?;
+        let mut entered = false;
+        let mut child = None;
+        let mut run = self.syscall(0)?;
+        loop {
+            match run.wait()? {
+                Waited::Stopped(mut s, Stop::Exit) if entered => {
+                    let ret = s.regs()?.rax as i64;
+                    if crate::is_restart(ret) {
+                        s.rerun()?;
+                        entered = false;
+                        run = s.syscall(0)?;
+                        continue;
+                    }
+                    return Ok((s, ret, child));
+                }
+                Waited::Stopped(mut s, Stop::Entry | Stop::SyscallEnter) => {
+                    entered |= s.regs()?.orig_rax == nr as u64;
+                    run = s.syscall(0)?
+                }
+                Waited::Stopped(s, Stop::Spawned { child: c, .. }) => {
+                    child = Some(c);
+                    run = s.syscall(0)?
+                }
+                Waited::Stopped(
+                    s,
+                    Stop::Signal {
+                        sig: sig @ (libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE),
+                        ..
+                    },
+                ) => {
+                    return Err(TaskError::Injected {
+                        tid: s.tid,
+                        nr,
+                        sig,
+                    })
                 }
                 Waited::Stopped(s, _) => run = s.syscall(0)?,
                 Waited::Exited(t, _) | Waited::Killed(t, _) => {

@@ -244,6 +244,7 @@ fn start_replay(
                 live: Some(feed),
                 data_dir,
                 vip: net.as_ref().and_then(|(v, _)| v.ip().parse().ok()),
+                ..Default::default()
             };
             let out = hotstandby_replayer::replay(&log, &opts)?;
             let Some(h) = out.handover else {
