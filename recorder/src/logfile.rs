@@ -632,6 +632,12 @@ impl EventCursor {
         Ok(self.cache.get(i - self.base))
     }
 
+    /// The first event still held (earlier ones were released, or lie
+    /// before the checkpoint the cursor started from).
+    pub fn first_held(&self) -> usize {
+        self.base
+    }
+
     /// Forget events before `i` (they will not be asked for again).
     pub fn release_before(&mut self, i: usize) {
         while self.base < i && !self.cache.is_empty() {

@@ -590,7 +590,7 @@ impl Engine<'_> {
         expected: impl Into<String>,
         actual: impl Into<String>,
     ) -> Result<T, ReplayError> {
-        let from = self.idx.saturating_sub(4);
+        let from = self.idx.saturating_sub(4).max(self.src.first_held());
         let mut context = Vec::new();
         for i in from..self.idx {
             if let Ok(Some(e)) = self.src.get(i) {
