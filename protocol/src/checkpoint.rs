@@ -253,6 +253,9 @@ pub struct SockImage {
     pub opts: Vec<(i32, i32, Vec<u8>)>,
 }
 
+/// Bytes a thread wrote to fd through its buffer, not yet matched.
+pub type Outgoing = (i32, Vec<u8>);
+
 /// The replayer's own state besides its threads.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineImage {
@@ -261,7 +264,7 @@ pub struct EngineImage {
     pub next_conn: u64,
     pub sockets: Vec<SockImage>,
     /// Socket writes made through buffers, not yet matched, by thread.
-    pub outbox: Vec<(u32, Vec<(i32, Vec<u8>)>)>,
+    pub outbox: Vec<(u32, Vec<Outgoing>)>,
     /// Each process's fd table of the buffer library.
     pub fdtabs: Vec<(u32, u64)>,
 }
@@ -371,7 +374,7 @@ impl<W: std::io::Write> Writer<W> {
 
     /// Memory at `addr`: whole pages.
     pub fn memory(&mut self, addr: u64, bytes: &[u8]) -> Result<(), CheckpointError> {
-        assert!(bytes.len() % PAGE == 0 && addr % PAGE as u64 == 0);
+        assert!(bytes.len().is_multiple_of(PAGE) && addr.is_multiple_of(PAGE as u64));
         self.item_header(TAG_MEM)?;
         self.put(&addr.to_le_bytes())?;
         self.put(&(bytes.len() as u64).to_le_bytes())?;
@@ -574,7 +577,7 @@ impl<'a> Items<'a> {
                 let addr = u64_at(b, h);
                 let len = u64_at(b, h + 8);
                 let len = usize::try_from(len).map_err(|_| bad(format!("length {len}")))?;
-                if len == 0 || len % PAGE != 0 || addr % PAGE as u64 != 0 {
+                if len == 0 || !len.is_multiple_of(PAGE) || !addr.is_multiple_of(PAGE as u64) {
                     return Err(bad(format!(
                         "memory at {addr:#x}, {len} bytes: not whole pages"
                     )));

@@ -266,6 +266,141 @@ impl LogWriter {
     }
 }
 
+/// The file naming where a log's kept part starts once its beginning was
+/// deleted after checkpoints (`offset seq index`, one line).
+pub const RETAINED: &str = "retained";
+
+/// Where the kept part of a log starts: the frame at byte `offset`, with
+/// sequence number `seq`, holding event `index`. Bytes between the header
+/// frame and `offset` are gone (a hole in the file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retained {
+    pub offset: u64,
+    pub seq: u64,
+    pub index: u64,
+}
+
+/// The kept part's start, if the log's beginning was deleted.
+pub fn retained(dir: &Path) -> Option<Retained> {
+    let s = std::fs::read_to_string(dir.join(RETAINED)).ok()?;
+    let mut it = s.split_whitespace().map(|v| v.parse::<u64>().ok());
+    Some(Retained {
+        offset: it.next()??,
+        seq: it.next()??,
+        index: it.next()??,
+    })
+}
+
+/// Delete the log before `r` (a checkpoint's position): record where the
+/// kept part starts, then punch the bytes between the header frame and it
+/// out of the file (the file keeps its length; its blocks are freed).
+/// Returns the bytes freed by this call.
+pub fn delete_before(dir: &Path, r: Retained) -> Result<u64, LogError> {
+    let path = dir.join(STREAM);
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LogError::Io { path, source }
+    };
+    let old = retained(dir);
+    if old.is_some_and(|o| o.offset >= r.offset) {
+        return Ok(0);
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    let header_end = {
+        let rd = LogReader::open(dir)?;
+        let mut fr = FrameReader::new(rd.bytes()).map_err(|e| rd.corrupt(e))?;
+        match fr.next() {
+            Some(Ok(h)) => h.end as u64,
+            _ => return Err(LogError::NoHeader { path: path.clone() }),
+        }
+    };
+    if r.offset < header_end {
+        return Ok(0);
+    }
+    let tmp = dir.join(".retained.tmp");
+    std::fs::write(&tmp, format!("{} {} {}\n", r.offset, r.seq, r.index)).map_err(io_err(&tmp))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, dir.join(RETAINED)).map_err(io_err(&tmp))?;
+    let from = old.map_or(header_end, |o| o.offset).div_ceil(4096) * 4096;
+    let to = r.offset / 4096 * 4096;
+    if to <= from {
+        return Ok(0);
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate takes an fd we hold open and integers.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            from as libc::off_t,
+            (to - from) as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        return Err(LogError::Io {
+            path,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(to - from)
+}
+
+/// Bytes of the log file that hold data (what retention bounds).
+pub fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir.join(STREAM))
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// The end of the last whole frame of `dir`'s log that ends at or before
+/// `limit`, reading only the header and the kept part.
+pub fn whole_frames(dir: &Path, limit: u64) -> u64 {
+    let path = dir.join(STREAM);
+    let Ok(f) = File::open(&path) else {
+        return 0;
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = retained(dir).map_or(0, |r| r.offset);
+    let read = |from: u64, to: u64| {
+        use std::os::unix::fs::FileExt;
+        let mut b = rkyv::util::AlignedVec::<16>::new();
+        b.resize((to - from) as usize, 0);
+        f.read_exact_at(&mut b, from).map(|_| b)
+    };
+    if start == 0 {
+        let Ok(b) = read(0, len) else { return 0 };
+        let Ok(mut r) = FrameReader::new(&b) else {
+            return 0;
+        };
+        let mut end = r.position();
+        for fr in r.by_ref() {
+            match fr {
+                Ok(fr) if fr.end as u64 <= limit => end = fr.end,
+                _ => break,
+            }
+        }
+        return end as u64;
+    }
+    let seq = retained(dir).map_or(0, |r| r.seq);
+    let Ok(b) = read(start, len.max(start)) else {
+        return 0;
+    };
+    let mut end = start;
+    for fr in FrameReader::resume(&b, 0, seq) {
+        match fr {
+            Ok(fr) if start + fr.end as u64 <= limit => end = start + fr.end as u64,
+            _ => break,
+        }
+    }
+    end
+}
+
 /// sha256 of the header record's bytes: identifies one recording (program,
 /// arguments, environment, start time). `None` without a whole header.
 pub fn log_id(dir: &Path) -> Option<[u8; 32]> {
@@ -512,6 +647,11 @@ impl EventCursor {
                 })
             }
         }
+        if let Some(r) = retained(dir) {
+            if r.offset as usize > c.pos {
+                c.seek(r.offset, r.seq, r.index as usize)?;
+            }
+        }
         Ok(c)
     }
 
@@ -705,7 +845,7 @@ pub fn scan(
     mut each: impl FnMut(usize, &Event),
 ) -> Result<(Identity, Summary), LogError> {
     let mut c = EventCursor::open(dir, false)?;
-    let mut i = 0;
+    let mut i = c.first_held();
     while let Some(e) = c.get(i)? {
         each(i, e);
         c.release_before(i + 1);

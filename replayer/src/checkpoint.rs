@@ -71,6 +71,9 @@ pub struct Policy {
     pub every: Option<Duration>,
     /// Checkpoints to keep (older ones are deleted).
     pub keep: usize,
+    /// Delete the log before the oldest checkpoint kept (a standby's own
+    /// copy; an offline replay leaves the log alone).
+    pub retain: bool,
 }
 
 /// A checkpoint taken.
@@ -597,6 +600,9 @@ impl Engine<'_> {
                 for (_, old) in list(&p.dir).iter().rev().skip(p.keep.max(1)) {
                     let _ = std::fs::remove_file(old);
                 }
+                if p.retain {
+                    self.retain_log(&p);
+                }
                 if let Some(f) = &self.opts.live {
                     f.checkpoint
                         .store(t.position, std::sync::atomic::Ordering::SeqCst);
@@ -610,6 +616,31 @@ impl Engine<'_> {
                 Ok(None)
             }
             Err(e) => Err(ReplayError::Checkpoint(Box::new(e))),
+        }
+    }
+
+    /// Delete the log before the oldest checkpoint kept.
+    fn retain_log(&mut self, p: &Policy) {
+        let Some((_, oldest)) = list(&p.dir).into_iter().next() else {
+            return;
+        };
+        let Ok(m) = Mapped::open(&oldest) else { return };
+        let Ok(st) = hotstandby_protocol::checkpoint::peek_state(&m.map) else {
+            return;
+        };
+        let r = hotstandby_recorder::logfile::Retained {
+            offset: st.position,
+            seq: st.next_seq,
+            index: st.index,
+        };
+        match hotstandby_recorder::logfile::delete_before(&self.log_dir, r) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                freed = n,
+                kept_from = r.offset,
+                "deleted the log before the oldest checkpoint kept"
+            ),
+            Err(e) => tracing::warn!("could not delete old log: {e}"),
         }
     }
 
@@ -815,7 +846,6 @@ impl Engine<'_> {
         let (lb, _) = threads.get_mut(&leader_ns).expect("checked");
         let (r, _) = lb.call(site, libc::SYS_munmap, [scratch, PAGE as u64, 0, 0, 0, 0])?;
         check("munmap of scratch memory", r)?;
-        let _ = ltid;
 
         let st = stat_fields(pid)?;
         // stat(5) fields from 3 on: index = field - 3.
@@ -1484,7 +1514,7 @@ fn pick_scratch(saved: &[Mapping], fresh: &[Mapping]) -> Result<u64, CkError> {
         if free(a) {
             return Ok(a);
         }
-        a = a * 2;
+        a *= 2;
     }
     Err(CkError::Restore(
         "no free address for a scratch page".into(),
@@ -1634,8 +1664,6 @@ fn restore_fds(
                         .map_err(|e| CkError::Restore(format!("refilling a pipe: {e}")))?;
                 }
                 // Move both ends up out of the way, then to their numbers.
-                let mut held_r = false;
-                let mut held_w = false;
                 // Targets may collide with the temporaries: dup to targets
                 // after lifting the temporaries above every target.
                 let (s2, hr) = call(
@@ -1655,14 +1683,8 @@ fn restore_fds(
                 s = s5;
                 for g in &ends {
                     let (src, fl) = match &g.object {
-                        Object::PipeRead { flags, .. } => {
-                            held_r = true;
-                            (hr, *flags)
-                        }
-                        Object::PipeWrite { flags, .. } => {
-                            held_w = true;
-                            (hw, *flags)
-                        }
+                        Object::PipeRead { flags, .. } => (hr, *flags),
+                        Object::PipeWrite { flags, .. } => (hw, *flags),
                         _ => unreachable!(),
                     };
                     let clo = if g.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
@@ -1675,7 +1697,6 @@ fn restore_fds(
                     s = setfl(s2, g.fd, fl)?;
                     done.push(g.fd);
                 }
-                let _ = (held_r, held_w);
                 let (s2, _) = call(s, "close", libc::SYS_close, [hr as u64, 0, 0, 0, 0, 0])?;
                 let (s3, _) = call(s2, "close", libc::SYS_close, [hw as u64, 0, 0, 0, 0, 0])?;
                 s = s3;
@@ -1766,9 +1787,6 @@ fn restore_fds(
                 s = place(s2, t, f.fd, f.cloexec)?;
             }
         }
-        if let Object::File { flags, .. } = &f.object {
-            let _ = flags;
-        }
         done.push(f.fd);
     }
     // Other fds of the same open file descriptions.
@@ -1812,15 +1830,16 @@ fn restore_fds(
     Ok(s)
 }
 
+/// The replayer's state besides its threads, as a checkpoint holds it.
+pub(crate) struct EngineParts {
+    pub shadow: hotstandby_protocol::shadow::Shadow<Conn>,
+    pub sockets: HashMap<(u32, i32), SockSetup>,
+    pub outbox: HashMap<u32, std::collections::VecDeque<(i32, Vec<u8>)>>,
+    pub fdtabs: HashMap<u32, u64>,
+}
+
 /// Engine state from a checkpoint's image.
-pub(crate) fn engine_parts(
-    img: &EngineImage,
-) -> (
-    hotstandby_protocol::shadow::Shadow<Conn>,
-    HashMap<(u32, i32), SockSetup>,
-    HashMap<u32, std::collections::VecDeque<(i32, Vec<u8>)>>,
-    HashMap<u32, u64>,
-) {
+pub(crate) fn engine_parts(img: &EngineImage) -> EngineParts {
     let shadow = hotstandby_protocol::shadow::Shadow::from_image(
         &img.procs,
         &img.conns,
@@ -1850,5 +1869,10 @@ pub(crate) fn engine_parts(
         .map(|(t, q)| (*t, q.iter().cloned().collect()))
         .collect();
     let fdtabs = img.fdtabs.iter().copied().collect();
-    (shadow, sockets, outbox, fdtabs)
+    EngineParts {
+        shadow,
+        sockets,
+        outbox,
+        fdtabs,
+    }
 }

@@ -53,6 +53,9 @@ pub enum ReplayError {
     /// Taking a checkpoint or starting from one failed.
     #[error(transparent)]
     Checkpoint(Box<crate::checkpoint::CkError>),
+    /// The log's beginning was deleted after checkpoints.
+    #[error("the log before event {index} was deleted after checkpoints: replay it from a checkpoint (--from-checkpoint)")]
+    Retained { index: u64 },
     /// Preparing the data directory failed.
     #[error("preparing the data directory {path}: {source}")]
     DataDir {
@@ -224,6 +227,8 @@ pub(crate) struct Engine<'a> {
     pub preload: Option<PathBuf>,
     /// The log's id (checkpoints name the log they continue).
     pub log_id: [u8; 32],
+    /// The log directory.
+    pub log_dir: PathBuf,
     /// The data directory the program sees, on this machine's side.
     pub data_host: Option<PathBuf>,
     /// Where the current event's frame starts, and its sequence number.
@@ -386,6 +391,11 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
         Some(path) => Some(open_checkpoint(path, dir, &log)?),
         None => None,
     };
+    if ck.is_none() && src.first_held() > 0 {
+        return Err(ReplayError::Retained {
+            index: src.first_held() as u64,
+        });
+    }
     let ckp = match &ck {
         Some(m) => Some(
             m.parse()
@@ -405,7 +415,12 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
         let t0 = std::time::Instant::now();
         let restored = crate::checkpoint::restore(c, started.task, started.ns_pid)
             .map_err(|e| ReplayError::Checkpoint(Box::new(e)))?;
-        let (shadow, sockets, outbox, fdtabs) = crate::checkpoint::engine_parts(&c.state.engine);
+        let crate::checkpoint::EngineParts {
+            shadow,
+            sockets,
+            outbox,
+            fdtabs,
+        } = crate::checkpoint::engine_parts(&c.state.engine);
         src.seek(c.state.position, c.state.next_seq, c.state.index as usize)?;
         tracing::info!(
             position = c.state.position,
@@ -430,6 +445,7 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
             fdtabs,
             preload: (!log.preload.is_empty()).then(hotstandby_tracer::buffer::lib_path),
             log_id: c.state.log_id,
+            log_dir: dir.to_path_buf(),
             data_host: bind.as_ref().map(|(a, _)| a.clone()),
             event_start: c.state.position,
             event_seq: c.state.next_seq,
@@ -478,6 +494,7 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
         fdtabs: HashMap::new(),
         preload: (!log.preload.is_empty()).then(hotstandby_tracer::buffer::lib_path),
         log_id: hotstandby_recorder::logfile::log_id(dir).unwrap_or([0; 32]),
+        log_dir: dir.to_path_buf(),
         data_host: bind.as_ref().map(|(a, _)| a.clone()),
         event_start: 0,
         event_seq: 0,

@@ -1907,3 +1907,202 @@ fn with_an_arbiter_over_mutual_tls_the_standby_takes_over_and_a_wrong_ca_is_refu
     assert!(serr.contains("took the arbiter's leader key"), "{serr}");
     assert_counts(&lines(&sfile), N, "standby's file");
 }
+
+/// Allocated bytes of a log directory's event file (holes not counted).
+fn log_on_disk(log: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(log.join("events.hsl"))
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// redis under `run` with a standby that checkpoints every 2 MiB of log:
+/// while the data set grows, the standby's log on disk stays under a bound
+/// (the log before the older of its two checkpoints is deleted); killed
+/// and restarted, the standby resumes its replay from its newest
+/// checkpoint instead of the first event; then the primary is killed and
+/// the standby, replaying on from that restored program, takes over with
+/// every acknowledged key.
+#[test]
+fn redis_standby_with_checkpoints_keeps_its_log_bounded_resumes_after_a_restart_and_takes_over() {
+    let lab = Lab::new("ck");
+    let data = lab.dir.join("A");
+    let c = lab
+        .hosts
+        .cmd(&lab.hosts.primary_ns, &lab.b)
+        .args(["run", "--listen", "198.51.100.1:7600", "--log"])
+        .arg(lab.dir.join("lp"))
+        .arg("--cert")
+        .arg(lab.dir.join("kp/node.crt"))
+        .arg("--key")
+        .arg(lab.dir.join("kp/node.key"))
+        .arg("--peer-cert")
+        .arg(lab.dir.join("ks/node.crt"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--",
+            "redis-server",
+            "--port",
+            "6390",
+            "--bind",
+            "198.51.100.1",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--dir",
+        ])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut p = Guard(Some(c));
+    let every = 2u64 << 20;
+    let ck_args = ["--checkpoint-every", "2M"];
+    let standby = |name: &str| {
+        lab.standby_with(
+            name,
+            &lab.hosts.standby_ns,
+            "198.51.100.1:7600",
+            "198.51.100.2:7600",
+            ["ks", "kp"],
+            &ck_args,
+            &[],
+        )
+    };
+    let (mut s, _, slog) = standby("s1");
+    wait_until("redis on the primary", 20, || {
+        redis_cli(&lab, &lab.hosts.primary_ns, "198.51.100.1", &["ping"]) == "PONG"
+    });
+    wait_until("the standby to follow", 20, || {
+        status(&lab.b, &slog).contains("Following")
+    });
+    let write = |round: usize| {
+        let mut script = String::new();
+        for i in 0..2000 {
+            script.push_str(&format!(
+                "SET key:{round}:{i} v{round}-{i}-{}\n",
+                "x".repeat(200)
+            ));
+        }
+        script.push_str("INCR rounds\n");
+        let mut cli = Command::new("ip")
+            .args(["netns", "exec", &lab.hosts.primary_ns, "redis-cli"])
+            .args(["-h", "198.51.100.1", "-p", "6390"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        cli.stdin
+            .as_mut()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        drop(cli.stdin.take());
+        let out = cli.wait_with_output().unwrap();
+        let ok = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| *l == "OK")
+            .count();
+        assert_eq!(ok, 2000, "round {round}: every SET acknowledged");
+    };
+    let caught_up = || {
+        wait_until("the standby to hold the whole log", 60, || {
+            status(&lab.b, &lab.dir.join("lp")).contains("lag:         0 bytes")
+        })
+    };
+    let mut max_disk = 0;
+    for round in 0..12 {
+        write(round);
+        caught_up();
+        max_disk = max_disk.max(log_on_disk(&slog));
+    }
+    let primary_log = log_on_disk(&lab.dir.join("lp"));
+    let bound = 4 * every + (4 << 20);
+    eprintln!(
+        "primary log {primary_log} bytes on disk; standby log at most {max_disk} bytes (bound {bound})"
+    );
+    assert!(
+        primary_log > 2 * bound,
+        "the run writes more log than the bound ({primary_log} bytes)"
+    );
+    assert!(
+        max_disk <= bound,
+        "the standby's log stayed under {bound} bytes on disk: {max_disk}"
+    );
+    let cks: Vec<_> = std::fs::read_dir(slog.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".hsck"))
+        .collect();
+    assert_eq!(cks.len(), 2, "two checkpoints kept");
+    let stats = Command::new(&lab.b)
+        .args(["log", "stats"])
+        .arg(&slog)
+        .output()
+        .unwrap();
+    let stats = String::from_utf8_lossy(&stats.stdout);
+    assert!(stats.contains("retained:  from byte"), "{stats}");
+    assert!(stats.contains("checkpoint: at byte"), "{stats}");
+
+    // Kill the standby and start it again on the same directories.
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(s.pid(), libc::SIGKILL) };
+    let first = s.wait(10);
+    let e1 = String::from_utf8_lossy(&first.stderr);
+    assert!(e1.contains("checkpoint taken"), "{e1}");
+    // Restarted at once, the new standby was turned away as a second one
+    // for as long as the test ran (the primary kept the killed one's link;
+    // seen 2026-12-03, not understood yet, noted in docs/design.md). After
+    // a pause longer than the session timeout it is accepted.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (mut s, _, _) = standby("s1");
+    wait_until("the restarted standby to follow", 30, || {
+        status(&lab.b, &slog).contains("Following")
+    });
+    for round in 12..14 {
+        write(round);
+    }
+    caught_up();
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(p.pid(), libc::SIGKILL) };
+    let po = p.wait(10);
+    let t0 = std::time::Instant::now();
+    while redis_cli(&lab, &lab.hosts.standby_ns, "198.51.100.2", &["ping"]) != "PONG" {
+        if t0.elapsed() > std::time::Duration::from_secs(30) {
+            // SAFETY: plain integers; the pid is our child's.
+            unsafe { libc::kill(s.pid(), libc::SIGKILL) };
+            let o = s.wait(10);
+            panic!(
+                "redis did not answer on the standby's address in 30 s; the standby said:\n{}\nthe first standby said:\n{}\nthe primary said:\n{}",
+                String::from_utf8_lossy(&o.stderr),
+                e1,
+                String::from_utf8_lossy(&po.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let cli = |args: &[&str]| redis_cli(&lab, &lab.hosts.standby_ns, "198.51.100.2", args);
+    assert_eq!(cli(&["get", "rounds"]), "14");
+    assert_eq!(cli(&["dbsize"]), (14 * 2000 + 1).to_string());
+    for round in 0..14 {
+        for i in (0..2000).step_by(397) {
+            assert_eq!(
+                cli(&["get", &format!("key:{round}:{i}")]),
+                format!("v{round}-{i}-{}", "x".repeat(200)),
+                "key:{round}:{i}"
+            );
+        }
+    }
+    cli(&["shutdown", "nosave"]);
+    let so = s.wait(30);
+    let e2 = String::from_utf8_lossy(&so.stderr);
+    assert!(e2.contains("resuming the replay from checkpoint"), "{e2}");
+    assert!(e2.contains("restored from checkpoint"), "{e2}");
+    assert_eq!(so.status.code(), Some(0), "{e2}");
+}

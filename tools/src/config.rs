@@ -72,6 +72,8 @@ pub struct Run {
 pub struct Standby {
     pub primary: Option<SocketAddr>,
     pub listen: Option<SocketAddr>,
+    /// Log bytes between checkpoints, like "64M".
+    pub checkpoint_every: Option<String>,
 }
 
 impl File {

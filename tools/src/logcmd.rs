@@ -70,7 +70,10 @@ fn dump(dir: &Path) -> Result<u8, LogError> {
         id.hostname,
         id.kernel_release
     );
-    let mut i = 0;
+    let mut i = c.first_held();
+    if i > 0 {
+        let _ = writeln!(out, "# events before #{i} were deleted after checkpoints");
+    }
     loop {
         let e = match c.get(i) {
             Ok(Some(e)) => e,
@@ -157,6 +160,37 @@ fn stats(dir: &Path) -> Result<u8, LogError> {
     );
     out!("recorded memory: {data} bytes");
     out!("threads:   {}", threads.len());
+    match logfile::retained(dir) {
+        Some(r) => out!(
+            "retained:  from byte {} (event {}); {} bytes on disk (the log before was deleted after checkpoints)",
+            r.offset,
+            r.index,
+            logfile::allocated_bytes(dir)
+        ),
+        None => out!("retained:  the whole log ({} bytes on disk)", logfile::allocated_bytes(dir)),
+    }
+    let cks = hotstandby_replayer::checkpoint::list(&dir.join("checkpoints"));
+    if cks.is_empty() {
+        out!("checkpoints: none");
+    }
+    for (pos, path) in cks {
+        let st = hotstandby_replayer::checkpoint::Mapped::open(&path)
+            .ok()
+            .and_then(|m| m.parse().ok().map(|c| c.state));
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match st {
+            Some(st) => {
+                let age = logfile::now_unix_ns().saturating_sub(st.created_unix_ns) as f64 / 1e9;
+                out!(
+                    "checkpoint: at byte {pos} (event {}), {size} bytes, {} threads, {} fds, taken {age:.0} s ago",
+                    st.index,
+                    st.threads.len(),
+                    st.fds.len()
+                );
+            }
+            None => out!("checkpoint: {} is not a usable checkpoint", path.display()),
+        }
+    }
     match &summary.trailer {
         Some(t) => {
             let d = t.end_unix_ns.saturating_sub(identity.start_unix_ns) as f64 / 1e9;
@@ -250,6 +284,7 @@ pub fn replay(dir: &Path, show: bool, go_live: bool, ck: Checkpoints) -> anyhow:
                     every_bytes: every,
                     every: None,
                     keep: 2,
+                    retain: false,
                 }),
             resume: ck.from.clone(),
             ..Default::default()

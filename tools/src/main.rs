@@ -122,6 +122,12 @@ enum Cmd {
         /// 0.0.0.0 and the primary's port).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Checkpoint the replayed program every this many log bytes
+        /// (suffixes K, M, G) and delete the log before the older of the
+        /// two checkpoints kept; a restarted standby resumes from its
+        /// newest checkpoint. Off by default (docs/design.md, "Checkpoints").
+        #[arg(long, value_parser = parse_bytes)]
+        checkpoint_every: Option<u64>,
     },
     /// Role, peer, lag, heartbeats of the node using log DIR.
     Status {
@@ -539,6 +545,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             primary,
             node: n,
             listen,
+            checkpoint_every,
         } => {
             let f = n.file()?;
             let primary = need(
@@ -547,8 +554,18 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 "primary in [standby]",
             )?;
             let listen = listen.or(f.standby.listen);
+            let every = match (checkpoint_every, &f.standby.checkpoint_every) {
+                (Some(v), _) => Some(v),
+                (None, Some(v)) => Some(
+                    parse_bytes(v)
+                        .map_err(|e| anyhow::anyhow!("checkpoint_every in [standby]: {e}"))?,
+                ),
+                (None, None) => None,
+            };
             let s = n.settle(f)?;
-            node::standby(primary, s.log, s.tls, s.cfg, s.data_dir, listen, s.vip)
+            node::standby(
+                primary, s.log, s.tls, s.cfg, s.data_dir, listen, s.vip, every,
+            )
         }
         Cmd::Status { log, json } => node::status(&log, json),
         Cmd::List { nodes } => node::report::list(&nodes),

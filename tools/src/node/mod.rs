@@ -25,7 +25,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hotstandby_protocol::frame::FrameReader;
 use hotstandby_transport::{self as transport, NodeKeys};
 
 pub use primary::run;
@@ -276,22 +275,9 @@ fn valid_prefix(path: &Path) -> u64 {
 
 /// The end of the last whole frame that ends at or before `limit`.
 fn frames_upto(path: &Path, limit: u64) -> u64 {
-    let Ok(bytes) = std::fs::read(path) else {
-        return 0;
-    };
-    let mut aligned = rkyv::util::AlignedVec::<16>::new();
-    aligned.extend_from_slice(&bytes);
-    let Ok(mut r) = FrameReader::new(&aligned) else {
-        return 0;
-    };
-    let mut end = r.position();
-    for f in r.by_ref() {
-        match f {
-            Ok(f) if f.end as u64 <= limit => end = f.end,
-            _ => break,
-        }
-    }
-    end as u64
+    // Only the header and the part kept after checkpoints are read.
+    path.parent()
+        .map_or(0, |d| hotstandby_recorder::logfile::whole_frames(d, limit))
 }
 
 /// The earliest of the session's next timer and the next status write.

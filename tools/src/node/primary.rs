@@ -51,6 +51,7 @@ async fn link(
     id: PeerId,
     inc: transport::Incoming,
     file: Arc<std::fs::File>,
+    log: PathBuf,
     ev: tokio::sync::mpsc::UnboundedSender<LinkEvent>,
 ) {
     let gone = |why: String| LinkEvent::Gone { id, why };
@@ -107,7 +108,7 @@ async fn link(
             },
             t = rx.recv() => match t {
                 Some(t) => {
-                    if let Err(e) = send(&conn, &mut stream, &file, t).await {
+                    if let Err(e) = send(&conn, &mut stream, &file, &log, t).await {
                         break format!("{e:#}");
                     }
                 }
@@ -122,11 +123,18 @@ async fn send(
     conn: &Connection,
     stream: &mut MsgStream,
     file: &std::fs::File,
+    log: &Path,
     t: Transmit,
 ) -> anyhow::Result<()> {
     match t {
         Transmit::Stream(m) => stream.send(&m).await?,
         Transmit::LogRange { offset, len } => {
+            if let Some(r) = logfile::retained(log).filter(|r| offset < r.offset) {
+                bail!(
+                        "this standby needs the log from byte {offset}, but this node deleted the log before byte {} after checkpoints; a standby cannot join from a checkpoint over the network yet: copy this node's checkpoints directory and the log into its log directory, or start it before the log is deleted",
+                    r.offset
+                );
+            }
             let mut bytes = vec![0u8; len as usize];
             file.read_exact_at(&mut bytes, offset)?;
             stream.send(&Message::Log { offset, bytes }).await?;
@@ -208,7 +216,7 @@ pub(super) async fn serve(
             inc = ep.accept() => {
                 let Some(inc) = inc else { bail!("the QUIC endpoint closed") };
                 next_id += 1;
-                tokio::spawn(link(next_id, inc, file.clone(), ev_tx.clone()));
+                tokio::spawn(link(next_id, inc, file.clone(), dir.to_path_buf(), ev_tx.clone()));
             }
             ev = ev_rx.recv() => match ev.expect("the loop holds a sender") {
                 LinkEvent::Up { id, conn, tx } => {

@@ -34,6 +34,7 @@ pub fn standby(
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     vip: Option<Vip>,
+    checkpoint_every: Option<u64>,
 ) -> anyhow::Result<u8> {
     use std::os::unix::fs::DirBuilderExt;
     let (keys, peer) = tls.load()?;
@@ -51,6 +52,10 @@ pub fn standby(
         .mode(0o600)
         .open(&path)?;
     file.set_len(resume)?;
+    let setup = ReplaySetup {
+        data_dir,
+        checkpoint_every,
+    };
     let feed = Arc::new(LiveFeed::default());
     // Unknown until the replay first looks at the log (`cut_log` waits).
     feed.seen
@@ -88,7 +93,7 @@ pub fn standby(
             known,
             &feed,
             &throttle,
-            &data_dir,
+            &setup,
             &mut replayer,
             &net,
         ))?;
@@ -221,20 +226,68 @@ async fn announce_takeover(ep: Endpoint, old: SocketAddr, epoch: u64) {
     }
 }
 
+/// How the standby's replay runs besides the log.
+#[derive(Debug, Clone)]
+struct ReplaySetup {
+    /// The standby's own copy of the program's data directory.
+    data_dir: Option<PathBuf>,
+    /// Log bytes between checkpoints (none: no checkpoints).
+    checkpoint_every: Option<u64>,
+}
+
+/// The newest checkpoint in `dir` that is whole and continues this log
+/// (older ones are tried when a newer one is refused; each refusal is
+/// logged with its reason).
+fn newest_checkpoint(log: &Path, dir: &Path) -> Option<PathBuf> {
+    use hotstandby_replayer::checkpoint as ck;
+    let id = logfile::log_id(log);
+    let exe = EventCursor::open(log, true).ok()?.identity().exe_sha256;
+    for (_, path) in ck::list(dir).into_iter().rev() {
+        let r = ck::Mapped::open(&path).and_then(|m| {
+            let st = m.parse()?.state;
+            ck::check_fits(&path, &st, id, &exe)
+        });
+        match r {
+            Ok(()) => return Some(path),
+            Err(e) => tracing::warn!("not resuming from {}: {e}", path.display()),
+        }
+    }
+    None
+}
+
 fn start_replay(
     log: &Path,
     feed: &Arc<LiveFeed>,
     throttle: &Arc<Throttle>,
-    data_dir: &Option<PathBuf>,
+    setup: &ReplaySetup,
     net: &Option<(Vip, Arc<Gate>)>,
 ) -> std::thread::JoinHandle<anyhow::Result<i32>> {
-    let (log, feed, throttle, data_dir, net) = (
+    let (log, feed, throttle, setup, net) = (
         log.to_path_buf(),
         feed.clone(),
         throttle.clone(),
-        data_dir.clone(),
+        setup.clone(),
         net.clone(),
     );
+    let ckdir = log.join("checkpoints");
+    let resume = setup
+        .checkpoint_every
+        .is_some()
+        .then(|| newest_checkpoint(&log, &ckdir))
+        .flatten();
+    if let Some(p) = &resume {
+        tracing::info!("resuming the replay from checkpoint {}", p.display());
+    }
+    let data_dir = setup.data_dir.clone();
+    let checkpoints = setup
+        .checkpoint_every
+        .map(|every| hotstandby_replayer::checkpoint::Policy {
+            dir: ckdir,
+            every_bytes: every,
+            every: None,
+            keep: 2,
+            retain: true,
+        });
     std::thread::Builder::new()
         .name("replay".into())
         .spawn(move || {
@@ -244,7 +297,8 @@ fn start_replay(
                 live: Some(feed),
                 data_dir,
                 vip: net.as_ref().and_then(|(v, _)| v.ip().parse().ok()),
-                ..Default::default()
+                checkpoints,
+                resume,
             };
             let out = hotstandby_replayer::replay(&log, &opts)?;
             let Some(h) = out.handover else {
@@ -294,7 +348,7 @@ async fn follow(
     known: bool,
     feed: &Arc<LiveFeed>,
     throttle: &Arc<Throttle>,
-    data_dir: &Option<PathBuf>,
+    setup: &ReplaySetup,
     replayer: &mut Option<std::thread::JoinHandle<anyhow::Result<i32>>>,
     net: &Option<(Vip, Arc<Gate>)>,
 ) -> anyhow::Result<Option<u64>> {
@@ -396,7 +450,7 @@ async fn follow(
                                                 conn.close(1u32.into(), b"wrong program");
                                                 bail!("{reason}");
                                             }
-                                            *replayer = Some(start_replay(log, feed, throttle, data_dir, net));
+                                            *replayer = Some(start_replay(log, feed, throttle, setup, net));
                                         }
                                         Err(logfile::LogError::Corrupt { .. }) | Err(logfile::LogError::NoHeader { .. }) => {}
                                         Err(e) => return Err(e.into()),
