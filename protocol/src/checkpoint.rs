@@ -418,6 +418,17 @@ impl<W: std::io::Write> Writer<W> {
     }
 }
 
+/// Rewrite the trailer's hash of checkpoint bytes to match their contents
+/// (for the fuzzer and for tests that build bad checkpoints on purpose:
+/// what it seals must still be refused by every other check).
+pub fn reseal(b: &mut [u8]) {
+    if b.len() >= HEADER_LEN + TRAILER_LEN {
+        let tr = b.len() - TRAILER_LEN;
+        let h = xxhash_rust::xxh3::xxh3_128(&b[..tr + 16]);
+        b[tr + 16..].copy_from_slice(&h.to_le_bytes());
+    }
+}
+
 /// A checked checkpoint over its bytes.
 #[derive(Debug)]
 pub struct Checkpoint<'a> {
