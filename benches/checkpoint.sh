@@ -39,7 +39,7 @@ t1=$(date +%s.%N)
 EVERY=$(( LOG / 3 ))
 "$H" replay --log "$W/log" --checkpoint-every "$EVERY" >/dev/null 2>"$W/ck.err"
 t2=$(date +%s.%N)
-NEWEST=$(ls "$W/log/checkpoints"/ckpt-*.hsck | sort -t- -k2 -n | tail -1)
+NEWEST="$W/log/checkpoints/$(ls "$W/log/checkpoints" | grep "^ckpt-.*\.hsck$" | sort -t- -k2 -n | tail -1)"
 POS=$(basename "$NEWEST" .hsck | cut -d- -f2)
 "$H" replay --log "$W/log" --from-checkpoint "$NEWEST" >/dev/null 2>"$W/resume.err"
 t3=$(date +%s.%N)

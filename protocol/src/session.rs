@@ -95,6 +95,15 @@ pub enum Transmit {
     LogRange { offset: u64, len: u64 },
     /// An unreliable datagram (heartbeats).
     Datagram(Message),
+    /// A standby needs log the primary no longer keeps: send it, on a
+    /// stream of its own, the log's header frame (`[0, header_end)`) and
+    /// the checkpoint at log byte `position` (`len` bytes); the log follows
+    /// from `position` once the standby acknowledges it.
+    Checkpoint {
+        header_end: u64,
+        position: u64,
+        len: u64,
+    },
 }
 
 /// Where the primary stands.
@@ -147,6 +156,20 @@ struct Peer {
     acked: u64,
     caught_up: bool,
     next_heartbeat: Instant,
+    /// Sent a checkpoint at this log position; no log until it is acked.
+    installing: Option<u64>,
+}
+
+/// Where the primary's kept log starts and the checkpoint a standby that
+/// needs older log gets instead (`Primary::set_retained`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    /// First byte of the kept log after the header frame (0: all kept).
+    pub start: u64,
+    /// End of the header frame.
+    pub header_end: u64,
+    /// The newest checkpoint: its log position and length.
+    pub checkpoint: Option<(u64, u64)>,
 }
 
 /// The primary's side of the session: any number of standbys, each with
@@ -163,6 +186,7 @@ pub struct Primary {
     state: PrimaryState,
     /// The primaries of this log before this one (told to each standby).
     former: Vec<std::net::SocketAddr>,
+    retention: Retention,
     out: std::collections::VecDeque<(PeerId, Transmit)>,
 }
 
@@ -177,6 +201,7 @@ impl Primary {
             released: 0,
             state: PrimaryState::Unprotected,
             former: Vec::new(),
+            retention: Retention::default(),
             out: Default::default(),
         }
     }
@@ -285,8 +310,15 @@ impl Primary {
                 acked: 0,
                 caught_up: false,
                 next_heartbeat: now,
+                installing: None,
             },
         );
+    }
+
+    /// The log before `r.start` is gone (checkpoints): a standby that needs
+    /// it gets `r.checkpoint` instead.
+    pub fn set_retained(&mut self, r: Retention) {
+        self.retention = r;
     }
 
     /// The standby `id`'s connection is gone.
@@ -355,9 +387,24 @@ impl Primary {
                         have: self.log_end,
                     });
                 }
+                let r = self.retention;
+                let needs_deleted = r.start > 0 && resume_offset < r.start;
+                let ck = match r.checkpoint {
+                    Some((pos, len)) if needs_deleted && pos >= r.start => Some((pos, len)),
+                    Some(_) | None if needs_deleted => {
+                        self.refuse(id, "this primary deleted the log the standby needs after checkpoints and holds no checkpoint to send");
+                        return Err(SessionError::Unexpected("log deleted, no checkpoint"));
+                    }
+                    _ => None,
+                };
                 peer.hello_done = true;
                 peer.sent = resume_offset;
                 peer.acked = resume_offset;
+                if let Some((pos, _)) = ck {
+                    peer.sent = pos;
+                    peer.acked = 0;
+                    peer.installing = Some(pos);
+                }
                 self.out.push_back((
                     id,
                     Transmit::Stream(Message::Hello {
@@ -375,6 +422,16 @@ impl Primary {
                         addrs: self.former.clone(),
                     }),
                 ));
+                if let Some((position, len)) = ck {
+                    self.out.push_back((
+                        id,
+                        Transmit::Checkpoint {
+                            header_end: r.header_end,
+                            position,
+                            len,
+                        },
+                    ));
+                }
                 self.update();
                 Ok(())
             }
@@ -386,6 +443,9 @@ impl Primary {
                     });
                 }
                 peer.acked = peer.acked.max(offset);
+                if peer.installing.is_some_and(|p| offset >= p) {
+                    peer.installing = None;
+                }
                 if !peer.caught_up && self.log_end - peer.acked <= self.cfg.max_unacked / 2 {
                     peer.caught_up = true;
                 }
@@ -437,7 +497,7 @@ impl Primary {
         let (id, peer) = self
             .peers
             .iter_mut()
-            .filter(|(_, p)| p.hello_done && p.sent < self.log_end)
+            .filter(|(_, p)| p.hello_done && p.installing.is_none() && p.sent < self.log_end)
             .min_by_key(|(_, p)| (!p.caught_up, p.sent))?;
         let len = (self.log_end - peer.sent).min(self.cfg.chunk);
         let t = Transmit::LogRange {
@@ -660,6 +720,14 @@ impl Standby {
             Message::Refuse { reason } => Err(SessionError::Refused(reason)),
             Message::Ack { .. } => Err(SessionError::Unexpected("ack")),
         }
+    }
+
+    /// The primary's checkpoint at log byte `position` is installed (with
+    /// the log's header frame): the log goes on from there, and the next
+    /// acknowledgement says so.
+    pub fn installed(&mut self, position: u64) {
+        self.received = position;
+        self.written = position;
     }
 
     /// The log now durably holds `end` bytes.

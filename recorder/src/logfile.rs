@@ -350,6 +350,20 @@ pub fn delete_before(dir: &Path, r: Retained) -> Result<u64, LogError> {
     Ok(to - from)
 }
 
+/// End of the log's header frame (0 without a whole one).
+pub fn header_end(dir: &Path) -> u64 {
+    let Ok(rd) = LogReader::open(dir) else {
+        return 0;
+    };
+    let Ok(mut fr) = FrameReader::new(rd.bytes()) else {
+        return 0;
+    };
+    match fr.next() {
+        Some(Ok(h)) => h.end as u64,
+        _ => 0,
+    }
+}
+
 /// Bytes of the log file that hold data (what retention bounds).
 pub fn allocated_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -797,7 +811,9 @@ impl EventCursor {
     /// which holds event `index` (a checkpoint's position): nothing before
     /// it is read again (and may be gone from the file).
     pub fn seek(&mut self, offset: u64, seq: u64, index: usize) -> Result<(), LogError> {
-        if offset as usize > self.bytes().len() || (offset as usize) < frame::FILE_HEADER_LEN {
+        if (!self.live && offset as usize > self.bytes().len())
+            || (offset as usize) < frame::FILE_HEADER_LEN
+        {
             return Err(LogError::Corrupt {
                 path: self.path.clone(),
                 source: FrameError::Invalid {

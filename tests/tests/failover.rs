@@ -1916,15 +1916,17 @@ fn log_on_disk(log: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// redis under `run` with a standby that checkpoints every 2 MiB of log:
-/// while the data set grows, the standby's log on disk stays under a bound
-/// (the log before the older of its two checkpoints is deleted); killed
-/// and restarted, the standby resumes its replay from its newest
-/// checkpoint instead of the first event; then the primary is killed and
-/// the standby, replaying on from that restored program, takes over with
-/// every acknowledged key.
+/// redis under `run` with a standby that checkpoints every 2 MiB of log and
+/// uploads each checkpoint to its primary: while the data set grows, both
+/// logs stay under a bound on disk (each deletes its log before the older
+/// of two checkpoints); the standby, killed and restarted, resumes from
+/// its newest checkpoint; the primary is killed and the standby takes
+/// over; a new standby with an empty log directory joins the new primary
+/// from the checkpoint it sends (not from the first event); the new
+/// primary is killed in turn and the new standby takes over with every
+/// acknowledged key.
 #[test]
-fn redis_standby_with_checkpoints_keeps_its_log_bounded_resumes_after_a_restart_and_takes_over() {
+fn redis_with_checkpoints_bounded_logs_restart_failover_and_a_new_standby_from_a_checkpoint() {
     let lab = Lab::new("ck");
     let data = lab.dir.join("A");
     let c = lab
@@ -1963,25 +1965,26 @@ fn redis_standby_with_checkpoints_keeps_its_log_bounded_resumes_after_a_restart_
     let mut p = Guard(Some(c));
     let every = 2u64 << 20;
     let ck_args = ["--checkpoint-every", "2M"];
-    let standby = |name: &str| {
-        lab.standby_with(
+    let standby = |name: &str, ns: &str, primary: &str, listen: &str, keys: [&str; 2]| {
+        lab.standby_with(name, ns, primary, listen, keys, &ck_args, &[])
+    };
+    let on_b = |name: &str| {
+        standby(
             name,
             &lab.hosts.standby_ns,
             "198.51.100.1:7600",
             "198.51.100.2:7600",
             ["ks", "kp"],
-            &ck_args,
-            &[],
         )
     };
-    let (mut s, _, slog) = standby("s1");
+    let (mut s, _, slog) = on_b("s1");
     wait_until("redis on the primary", 20, || {
         redis_cli(&lab, &lab.hosts.primary_ns, "198.51.100.1", &["ping"]) == "PONG"
     });
     wait_until("the standby to follow", 20, || {
         status(&lab.b, &slog).contains("Following")
     });
-    let write = |round: usize| {
+    let write = |ns: &str, host: &str, round: usize| {
         let mut script = String::new();
         for i in 0..2000 {
             script.push_str(&format!(
@@ -1991,8 +1994,8 @@ fn redis_standby_with_checkpoints_keeps_its_log_bounded_resumes_after_a_restart_
         }
         script.push_str("INCR rounds\n");
         let mut cli = Command::new("ip")
-            .args(["netns", "exec", &lab.hosts.primary_ns, "redis-cli"])
-            .args(["-h", "198.51.100.1", "-p", "6390"])
+            .args(["netns", "exec", ns, "redis-cli"])
+            .args(["-h", host, "-p", "6390"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -2011,36 +2014,44 @@ fn redis_standby_with_checkpoints_keeps_its_log_bounded_resumes_after_a_restart_
             .count();
         assert_eq!(ok, 2000, "round {round}: every SET acknowledged");
     };
-    let caught_up = || {
+    let caught_up = |plog: &Path| {
         wait_until("the standby to hold the whole log", 60, || {
-            status(&lab.b, &lab.dir.join("lp")).contains("lag:         0 bytes")
+            status(&lab.b, plog).contains("lag:         0 bytes")
         })
     };
-    let mut max_disk = 0;
+    let lp = lab.dir.join("lp");
+    let (mut max_s, mut max_p) = (0, 0);
     for round in 0..12 {
-        write(round);
-        caught_up();
-        max_disk = max_disk.max(log_on_disk(&slog));
+        write(&lab.hosts.primary_ns, "198.51.100.1", round);
+        caught_up(&lp);
+        max_s = max_s.max(log_on_disk(&slog));
+        max_p = max_p.max(log_on_disk(&lp));
     }
-    let primary_log = log_on_disk(&lab.dir.join("lp"));
+    let length = std::fs::metadata(lp.join("events.hsl")).unwrap().len();
     let bound = 4 * every + (4 << 20);
     eprintln!(
-        "primary log {primary_log} bytes on disk; standby log at most {max_disk} bytes (bound {bound})"
+        "log written {length} bytes; on disk at most: primary {max_p}, standby {max_s} (bound {bound})"
     );
     assert!(
-        primary_log > 2 * bound,
-        "the run writes more log than the bound ({primary_log} bytes)"
+        length > 2 * bound,
+        "the run writes more log than the bound ({length} bytes)"
     );
     assert!(
-        max_disk <= bound,
-        "the standby's log stayed under {bound} bytes on disk: {max_disk}"
+        max_s <= bound,
+        "the standby's log stayed under {bound} bytes on disk: {max_s}"
     );
-    let cks: Vec<_> = std::fs::read_dir(slog.join("checkpoints"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".hsck"))
-        .collect();
-    assert_eq!(cks.len(), 2, "two checkpoints kept");
+    assert!(
+        max_p <= bound,
+        "the primary's log stayed under {bound} bytes on disk: {max_p}"
+    );
+    for dir in [&slog, &lp] {
+        let n = std::fs::read_dir(dir.join("checkpoints"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".hsck"))
+            .count();
+        assert_eq!(n, 2, "two checkpoints kept in {}", dir.display());
+    }
     let stats = Command::new(&lab.b)
         .args(["log", "stats"])
         .arg(&slog)
@@ -2054,55 +2065,102 @@ fn redis_standby_with_checkpoints_keeps_its_log_bounded_resumes_after_a_restart_
     // SAFETY: plain integers; the pid is our child's.
     unsafe { libc::kill(s.pid(), libc::SIGKILL) };
     let first = s.wait(10);
-    let e1 = String::from_utf8_lossy(&first.stderr);
+    let e1 = String::from_utf8_lossy(&first.stderr).into_owned();
     assert!(e1.contains("checkpoint taken"), "{e1}");
+    assert!(e1.contains("uploaded checkpoint"), "{e1}");
     // Restarted at once, the new standby was turned away as a second one
     // for as long as the test ran (the primary kept the killed one's link;
     // seen 2026-12-03, not understood yet, noted in docs/design.md). After
     // a pause longer than the session timeout it is accepted.
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let (mut s, _, _) = standby("s1");
+    let (mut s, _, _) = on_b("s1");
     wait_until("the restarted standby to follow", 30, || {
         status(&lab.b, &slog).contains("Following")
     });
     for round in 12..14 {
-        write(round);
+        write(&lab.hosts.primary_ns, "198.51.100.1", round);
     }
-    caught_up();
+    caught_up(&lp);
     // SAFETY: plain integers; the pid is our child's.
     unsafe { libc::kill(p.pid(), libc::SIGKILL) };
     let po = p.wait(10);
-    let t0 = std::time::Instant::now();
-    while redis_cli(&lab, &lab.hosts.standby_ns, "198.51.100.2", &["ping"]) != "PONG" {
-        if t0.elapsed() > std::time::Duration::from_secs(30) {
-            // SAFETY: plain integers; the pid is our child's.
-            unsafe { libc::kill(s.pid(), libc::SIGKILL) };
-            let o = s.wait(10);
-            panic!(
-                "redis did not answer on the standby's address in 30 s; the standby said:\n{}\nthe first standby said:\n{}\nthe primary said:\n{}",
-                String::from_utf8_lossy(&o.stderr),
-                e1,
-                String::from_utf8_lossy(&po.stderr)
-            );
+    let up = |ns: &str, host: &str, s: &mut Guard, what: &str| {
+        let t0 = std::time::Instant::now();
+        while redis_cli(&lab, ns, host, &["ping"]) != "PONG" {
+            if t0.elapsed() > std::time::Duration::from_secs(30) {
+                // SAFETY: plain integers; the pid is our child's.
+                unsafe { libc::kill(s.pid(), libc::SIGKILL) };
+                let o = s.wait(10);
+                panic!(
+                    "redis did not answer on {host} in 30 s ({what}); the standby said:\n{}\nthe first primary said:\n{}",
+                    String::from_utf8_lossy(&o.stderr),
+                    String::from_utf8_lossy(&po.stderr)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let cli = |args: &[&str]| redis_cli(&lab, &lab.hosts.standby_ns, "198.51.100.2", args);
-    assert_eq!(cli(&["get", "rounds"]), "14");
-    assert_eq!(cli(&["dbsize"]), (14 * 2000 + 1).to_string());
-    for round in 0..14 {
-        for i in (0..2000).step_by(397) {
-            assert_eq!(
-                cli(&["get", &format!("key:{round}:{i}")]),
-                format!("v{round}-{i}-{}", "x".repeat(200)),
-                "key:{round}:{i}"
-            );
+    };
+    up(
+        &lab.hosts.standby_ns,
+        "198.51.100.2",
+        &mut s,
+        "first failover",
+    );
+    let check = |ns: &str, host: &str, rounds: usize| {
+        let cli = |args: &[&str]| redis_cli(&lab, ns, host, args);
+        assert_eq!(cli(&["get", "rounds"]), rounds.to_string());
+        assert_eq!(cli(&["dbsize"]), (rounds * 2000 + 1).to_string());
+        for round in 0..rounds {
+            for i in (0..2000).step_by(397) {
+                assert_eq!(
+                    cli(&["get", &format!("key:{round}:{i}")]),
+                    format!("v{round}-{i}-{}", "x".repeat(200)),
+                    "key:{round}:{i} on {host}"
+                );
+            }
         }
+    };
+    check(&lab.hosts.standby_ns, "198.51.100.2", 14);
+
+    // Re-protection: a new standby on the first host, empty directories,
+    // joins the new primary from the checkpoint it sends.
+    let (mut s2, _, s2log) = standby(
+        "s2",
+        &lab.hosts.primary_ns,
+        "198.51.100.2:7600",
+        "198.51.100.1:7600",
+        ["kp", "ks"],
+    );
+    wait_until("the new standby to follow", 60, || {
+        status(&lab.b, &s2log).contains("Following")
+    });
+    for round in 14..16 {
+        write(&lab.hosts.standby_ns, "198.51.100.2", round);
     }
-    cli(&["shutdown", "nosave"]);
-    let so = s.wait(30);
-    let e2 = String::from_utf8_lossy(&so.stderr);
+    caught_up(&slog);
+    // SAFETY: plain integers; the pid is our child's.
+    unsafe { libc::kill(s.pid(), libc::SIGKILL) };
+    let so = s.wait(10);
+    let e2 = String::from_utf8_lossy(&so.stderr).into_owned();
     assert!(e2.contains("resuming the replay from checkpoint"), "{e2}");
     assert!(e2.contains("restored from checkpoint"), "{e2}");
-    assert_eq!(so.status.code(), Some(0), "{e2}");
+    assert!(e2.contains("sent checkpoint to a standby"), "{e2}");
+    up(
+        &lab.hosts.primary_ns,
+        "198.51.100.1",
+        &mut s2,
+        "second failover",
+    );
+    check(&lab.hosts.primary_ns, "198.51.100.1", 16);
+    redis_cli(
+        &lab,
+        &lab.hosts.primary_ns,
+        "198.51.100.1",
+        &["shutdown", "nosave"],
+    );
+    let o = s2.wait(30);
+    let e3 = String::from_utf8_lossy(&o.stderr);
+    assert!(e3.contains("installed the primary's checkpoint"), "{e3}");
+    assert!(e3.contains("restored from checkpoint"), "{e3}");
+    assert_eq!(o.status.code(), Some(0), "{e3}");
 }

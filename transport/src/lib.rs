@@ -25,7 +25,7 @@ pub use rustls::pki_types::CertificateDer;
 use rustls::pki_types::PrivateKeyDer;
 use thiserror::Error;
 
-pub use quinn::{Connection, ConnectionError, Endpoint, Incoming};
+pub use quinn::{Connection, ConnectionError, Endpoint, Incoming, RecvStream, SendStream};
 
 /// Errors of the transport.
 #[derive(Debug, Error)]

@@ -111,6 +111,9 @@ impl Pair {
                 false,
             ),
             Transmit::Datagram(m) => (m, true),
+            Transmit::Checkpoint { .. } => {
+                unreachable!("the simulated primary keeps its whole log")
+            }
         };
         if datagram && (self.partitioned || self.rng.chance(self.link.loss)) {
             return;
@@ -694,4 +697,70 @@ fn a_silent_standby_is_dropped_alone() {
     assert_eq!(p.connected(), 1);
     assert_eq!(p.handle_timeout(later + cfg.timeout), vec![1]);
     assert_eq!(p.state(), PrimaryState::Unprotected);
+}
+
+#[test]
+fn a_standby_that_needs_deleted_log_gets_the_checkpoint_then_the_log_after_it() {
+    let now = Instant::now();
+    let cfg = Config {
+        chunk: 1000,
+        ..Config::default()
+    };
+    let mut p = Primary::new(cfg, 1, SHA);
+    p.log_appended(10_000);
+    p.set_retained(Retention {
+        start: 6_000,
+        header_end: 400,
+        checkpoint: Some((7_000, 123_456)),
+    });
+    join(&mut p, 1, now);
+    let mut ck = None;
+    let mut logs = 0;
+    while let Some((_, t)) = p.poll_transmit(now) {
+        match t {
+            Transmit::Checkpoint {
+                header_end,
+                position,
+                len,
+            } => ck = Some((header_end, position, len)),
+            Transmit::LogRange { .. } => logs += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(ck, Some((400, 7_000, 123_456)));
+    assert_eq!(logs, 0, "no log before the checkpoint is installed");
+    assert!(matches!(
+        p.handle_message(1, Message::Ack { offset: 7_000 }, now),
+        Ok(())
+    ));
+    let sent = drain(&mut p, now);
+    assert_eq!(sent.get(&1), Some(&10_000), "the log from byte 7000 on");
+    // The standby side: installed, it acknowledges the checkpoint's position.
+    let mut s = Standby::new(cfg, SHA, 0);
+    s.handle_connected(now);
+    s.installed(7_000);
+    assert_eq!(s.written(), 7_000);
+
+    // With no checkpoint to give, such a standby is refused with the reason.
+    let mut p = Primary::new(cfg, 1, SHA);
+    p.log_appended(10_000);
+    p.set_retained(Retention {
+        start: 6_000,
+        header_end: 400,
+        checkpoint: None,
+    });
+    p.handle_connected(2, now);
+    let hello = Message::Hello {
+        version_min: VERSION_MIN,
+        version_max: VERSION_MAX,
+        role: Role::Standby,
+        epoch: 0,
+        resume_offset: 0,
+        exe_sha256: SHA,
+    };
+    assert!(p.handle_message(2, hello, now).is_err());
+    let refused = std::iter::from_fn(|| p.poll_transmit(now)).any(|(_, t)| {
+        matches!(t, Transmit::Stream(Message::Refuse { reason }) if reason.contains("deleted the log"))
+    });
+    assert!(refused);
 }

@@ -15,6 +15,7 @@
 //! - here: what both roles share (keys, status file, epoch file, lag).
 
 pub mod arbiter;
+pub mod ckxfer;
 pub mod primary;
 pub mod report;
 pub mod standby;

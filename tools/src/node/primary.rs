@@ -36,6 +36,8 @@ enum LinkEvent {
     },
     /// The connection ended (or never came up).
     Gone { id: PeerId, why: String },
+    /// The standby uploaded a checkpoint, now kept here.
+    Checkpoint { id: PeerId, position: u64 },
 }
 
 /// A standby's connection as the serving loop holds it.
@@ -107,12 +109,38 @@ async fn link(
                 Err(e) => break format!("{e}"),
             },
             t = rx.recv() => match t {
+                Some(Transmit::Checkpoint { header_end, position, .. }) => {
+                    // On a stream of its own, so this standby's messages
+                    // and heartbeats go on meanwhile.
+                    let (c, l) = (conn.clone(), log.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = super::ckxfer::send(&c, &l, header_end, position).await {
+                            tracing::warn!("sending checkpoint {position} to {}: {e:#}", c.remote_address());
+                            c.close(0u32.into(), b"checkpoint transfer failed");
+                        }
+                    });
+                }
                 Some(t) => {
                     if let Err(e) = send(&conn, &mut stream, &file, &log, t).await {
                         break format!("{e:#}");
                     }
                 }
                 None => break "closed by the primary".to_string(),
+            },
+            u = conn.accept_uni() => match u {
+                Ok(r) => {
+                    let (l, ev2) = (log.clone(), ev.clone());
+                    let peer = conn.remote_address();
+                    tokio::spawn(async move {
+                        match super::ckxfer::receive_upload(r, l, id).await {
+                            Ok(position) => {
+                                let _ = ev2.send(LinkEvent::Checkpoint { id, position });
+                            }
+                            Err(e) => tracing::warn!("a checkpoint from {peer} was not kept: {e:#}"),
+                        }
+                    });
+                }
+                Err(e) => break format!("{e}"),
             },
         }
     };
@@ -142,6 +170,7 @@ async fn send(
         Transmit::Datagram(m) => {
             let _ = transport::send_datagram(conn, &m);
         }
+        Transmit::Checkpoint { .. } => unreachable!("sent by the link task itself"),
     }
     Ok(())
 }
@@ -182,6 +211,7 @@ pub(super) async fn serve(
     let multi = super::arbiter::configured();
     let mut session = Primary::new(cfg, epoch, sha);
     session.set_former(former);
+    session.set_retained(super::ckxfer::retention_of(dir));
     save_epoch(dir, epoch)?;
     let mut status = StatusFile::new(dir);
     let flushed = Arc::new(tokio::sync::Notify::new());
@@ -253,6 +283,17 @@ pub(super) async fn serve(
                             }
                         }
                     }
+                }
+                LinkEvent::Checkpoint { id, position } => {
+                    tracing::info!("kept checkpoint at byte {position} from standby {id}");
+                    let min_acked = session
+                        .standbys(Instant::now())
+                        .iter()
+                        .map(|s| s.acked)
+                        .min()
+                        .unwrap_or(0);
+                    super::ckxfer::retain(dir, min_acked);
+                    session.set_retained(super::ckxfer::retention_of(dir));
                 }
                 LinkEvent::Gone { id, why } => {
                     if links.contains_key(&id) {

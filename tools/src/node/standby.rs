@@ -270,11 +270,8 @@ fn start_replay(
         net.clone(),
     );
     let ckdir = log.join("checkpoints");
-    let resume = setup
-        .checkpoint_every
-        .is_some()
-        .then(|| newest_checkpoint(&log, &ckdir))
-        .flatten();
+    // Its own newest checkpoint, or the one its primary sent.
+    let resume = newest_checkpoint(&log, &ckdir);
     if let Some(p) = &resume {
         tracing::info!("resuming the replay from checkpoint {}", p.display());
     }
@@ -417,6 +414,11 @@ async fn follow(
         session.handle_connected(Instant::now());
         let mut stream = MsgStream::open(&conn).await?;
         tracing::info!("connected to primary {primary}; resuming the log at byte {written}");
+        // A checkpoint the primary sends instead of log it deleted, being
+        // received; and this node's own checkpoints, uploaded to it.
+        let mut installing: Option<tokio::task::JoinHandle<anyhow::Result<u64>>> = None;
+        let mut uploading: Option<tokio::task::JoinHandle<()>> = None;
+        let mut uploaded = feed.checkpoint.load(Relaxed);
         loop {
             let now = Instant::now();
             while let Some(t) = session.poll_transmit(now) {
@@ -425,8 +427,19 @@ async fn follow(
                     Transmit::Datagram(m) => {
                         let _ = transport::send_datagram(&conn, &m);
                     }
-                    Transmit::LogRange { .. } => {}
+                    Transmit::LogRange { .. } | Transmit::Checkpoint { .. } => {}
                 }
+            }
+            let taken = feed.checkpoint.load(Relaxed);
+            if taken > uploaded && uploading.as_ref().is_none_or(|u| u.is_finished()) {
+                uploaded = taken;
+                let (c, l) = (conn.clone(), log.to_path_buf());
+                uploading = Some(tokio::spawn(async move {
+                    match super::ckxfer::upload(&c, &l, taken).await {
+                        Ok(()) => tracing::info!("uploaded checkpoint {taken} to the primary"),
+                        Err(e) => tracing::warn!("uploading checkpoint {taken}: {e:#}"),
+                    }
+                }));
             }
             let mut broken = false;
             tokio::select! {
@@ -469,6 +482,23 @@ async fn follow(
                     }
                     Ok(None) | Err(_) => broken = true,
                 },
+                u = conn.accept_uni() => match u {
+                    Ok(r) => {
+                        if replayer.is_some() || installing.is_some() {
+                            bail!("the primary sent a checkpoint while this standby replays its own log: this standby fell behind the log the primary keeps; restart it with an empty log directory");
+                        }
+                        let (l, f) = (log.to_path_buf(), file.try_clone()?);
+                        installing = Some(tokio::spawn(async move { super::ckxfer::install(r, &l, &f).await }));
+                    }
+                    Err(_) => broken = true,
+                },
+                done = async { installing.as_mut().expect("guarded").await }, if installing.is_some() => {
+                    installing = None;
+                    let position = done.map_err(|e| anyhow::anyhow!("installing: {e}"))??;
+                    session.installed(position);
+                    written = position;
+                    clock.grew(written, Instant::now());
+                }
                 d = conn.read_datagram() => {
                     if let Ok(d) = d {
                         if let Ok((m, _)) = Message::decode(&d) {
