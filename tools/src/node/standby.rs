@@ -591,10 +591,22 @@ async fn follow(
                 broken = true;
             }
             if broken || session.state() == StandbyState::Disconnected {
-                if let Some(why) = conn.close_reason() {
-                    tracing::warn!("the connection to the primary ended: {why}");
-                }
+                let busy = match conn.close_reason() {
+                    Some(why) => {
+                        tracing::warn!("the connection to the primary ended: {why}");
+                        matches!(&why, hotstandby_transport::ConnectionError::ApplicationClosed(ac) if u64::from(ac.error_code) == 3)
+                    }
+                    None => false,
+                };
                 session.handle_disconnected();
+                if busy {
+                    // The primary still holds a standby (this node's former
+                    // self, until its session times out): ask again after a
+                    // while, not in a storm of handshakes (which once left a
+                    // connection stuck half-open after hundreds of them).
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
                 break;
             }
         }
