@@ -86,8 +86,9 @@ pub struct Taken {
     pub bytes: u64,
     /// Memory pages saved, in bytes.
     pub memory: u64,
-    /// How long the program was stopped for it.
-    pub pause: Duration,
+    /// How long writing the file took (the program runs meanwhile; it is
+    /// stopped only while its state is copied).
+    pub write_time: Duration,
 }
 
 /// The checkpoint files in `dir`, oldest first, by log position.
@@ -581,33 +582,57 @@ impl Engine<'_> {
             let s = self.entry(tid, "checkpoint")?;
             self.set(tid, St::AtEntry(s))?;
         }
+        // One checkpoint is written at a time.
+        if let Some(w) = self.ckpt.writer.take() {
+            let _ = w.join();
+        }
         let t0 = Instant::now();
         let r = self.take_checkpoint(&p, pos);
         self.ckpt.last_at = Instant::now();
         self.ckpt.deferred = 0;
         match r {
-            Ok(mut t) => {
-                t.pause = t0.elapsed();
+            Ok(pending) => {
+                // The program was stopped only while its state was copied;
+                // the file is written, synced and put in place meanwhile.
+                let pause = t0.elapsed();
                 self.ckpt.last_pos = pos;
-                tracing::info!(
-                    path = %t.path.display(),
-                    position = t.position,
-                    bytes = t.bytes,
-                    memory = t.memory,
-                    pause_ms = t.pause.as_secs_f64() * 1e3,
-                    "checkpoint taken"
+                let (log_dir, feed) = (self.log_dir.clone(), self.opts.live.clone());
+                let ck_dir = p.dir.clone();
+                self.ckpt.writer = Some(
+                    std::thread::Builder::new()
+                        .name("checkpoint".into())
+                        .spawn(move || match pending.write() {
+                            Ok(t) => {
+                                tracing::info!(
+                                    path = %t.path.display(),
+                                    position = t.position,
+                                    bytes = t.bytes,
+                                    memory = t.memory,
+                                    pause_ms = pause.as_secs_f64() * 1e3,
+                                    write_ms = t.write_time.as_secs_f64() * 1e3,
+                                    "checkpoint taken"
+                                );
+                                for (_, old) in list(&p.dir).iter().rev().skip(p.keep.max(1)) {
+                                    let _ = std::fs::remove_file(old);
+                                }
+                                if p.retain {
+                                    retain_log(&log_dir, &p);
+                                }
+                                if let Some(f) = &feed {
+                                    f.checkpoint
+                                        .store(t.position, std::sync::atomic::Ordering::SeqCst);
+                                }
+                            }
+                            Err(e) => tracing::warn!("writing a checkpoint failed: {e}"),
+                        })
+                        .map_err(|source| {
+                            ReplayError::Checkpoint(Box::new(CkError::Io {
+                                path: ck_dir,
+                                source,
+                            }))
+                        })?,
                 );
-                for (_, old) in list(&p.dir).iter().rev().skip(p.keep.max(1)) {
-                    let _ = std::fs::remove_file(old);
-                }
-                if p.retain {
-                    self.retain_log(&p);
-                }
-                if let Some(f) = &self.opts.live {
-                    f.checkpoint
-                        .store(t.position, std::sync::atomic::Ordering::SeqCst);
-                }
-                Ok(Some(t))
+                Ok(None)
             }
             Err(CkError::Unsupported(why)) => {
                 // Not now, and not at every event either: at the next due time.
@@ -619,8 +644,17 @@ impl Engine<'_> {
         }
     }
 
-    /// Delete the log before the oldest checkpoint kept.
-    fn retain_log(&mut self, p: &Policy) {
+    /// Wait for the checkpoint being written, if any.
+    pub(crate) fn checkpoint_written(&mut self) {
+        if let Some(w) = self.ckpt.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Delete the log before the oldest checkpoint kept.
+fn retain_log(log_dir: &Path, p: &Policy) {
+    {
         let Some((_, oldest)) = list(&p.dir).into_iter().next() else {
             return;
         };
@@ -633,7 +667,7 @@ impl Engine<'_> {
             seq: st.next_seq,
             index: st.index,
         };
-        match hotstandby_recorder::logfile::delete_before(&self.log_dir, r) {
+        match hotstandby_recorder::logfile::delete_before(log_dir, r) {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 freed = n,
@@ -643,7 +677,9 @@ impl Engine<'_> {
             Err(e) => tracing::warn!("could not delete old log: {e}"),
         }
     }
+}
 
+impl Engine<'_> {
     /// Why the program is not at a clean point now (`None`: it is).
     fn unclean(&self, tid: u32) -> Option<String> {
         if !self.fills.is_empty() {
@@ -671,7 +707,7 @@ impl Engine<'_> {
         None
     }
 
-    fn take_checkpoint(&mut self, p: &Policy, pos: u64) -> Result<Taken, CkError> {
+    fn take_checkpoint(&mut self, p: &Policy, pos: u64) -> Result<Pending, CkError> {
         std::fs::create_dir_all(&p.dir).map_err(io(&p.dir))?;
         let ids: Vec<u32> = {
             let mut v: Vec<u32> = self
@@ -724,7 +760,7 @@ impl Engine<'_> {
         p: &Policy,
         pos: u64,
         threads: &mut BTreeMap<u32, (Borrowed, ThreadAt)>,
-    ) -> Result<Taken, CkError> {
+    ) -> Result<Pending, CkError> {
         let pid = self.leader_live;
         // A syscall instruction: the one a stopped thread's last (or next)
         // syscall used.
@@ -897,31 +933,25 @@ impl Engine<'_> {
             sigactions,
             engine: self.engine_image(),
         };
-        let final_path = p.dir.join(format!("ckpt-{pos}.hsck"));
-        let tmp = p.dir.join(format!(".ckpt-{pos}.tmp"));
-        let file = File::create(&tmp).map_err(io(&tmp))?;
-        let mut w = Writer::new(std::io::BufWriter::with_capacity(1 << 20, file), &state)?;
-        let memory = write_memory(pid, &mappings, &mut w)?;
-        if let Some(dd) = &self.data_host {
-            write_tree(dd, dd, &mut w)?;
-        }
-        let (out, bytes) = w.finish()?;
-        let file = out.into_inner().map_err(|e| CkError::Io {
-            path: tmp.clone(),
-            source: e.into_error(),
+        // Copied now, written once the program runs again.
+        let mut mem = Vec::new();
+        let memory = write_memory(pid, &mappings, &mut |addr, bytes| {
+            mem.push((addr, bytes.to_vec()));
+            Ok(())
         })?;
-        file.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &final_path).map_err(io(&final_path))?;
-        if let Ok(d) = File::open(&p.dir) {
-            let _ = d.sync_all();
+        let mut files = Vec::new();
+        if let Some(dd) = &self.data_host {
+            write_tree(dd, dd, &mut |t| {
+                files.push(t);
+                Ok(())
+            })?;
         }
-        Ok(Taken {
-            path: final_path,
-            position: pos,
-            index: self.idx as u64,
-            bytes,
+        Ok(Pending {
+            state,
+            mem,
+            files,
             memory,
-            pause: Duration::ZERO,
+            dir: p.dir.clone(),
         })
     }
 
@@ -982,7 +1012,7 @@ fn regs_from(b: &[u8]) -> Result<Regs, CkError> {
 /// it changed (a page that became the program's own: present and not a
 /// page of the file, in /proc/PID/pagemap); nothing of shared file
 /// mappings (their file is saved or reopened).
-fn write_memory<W: Write>(pid: Tid, maps: &[Mapping], w: &mut Writer<W>) -> Result<u64, CkError> {
+fn write_memory(pid: Tid, maps: &[Mapping], emit: &mut MemSink<'_>) -> Result<u64, CkError> {
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     const FILE: u64 = 1 << 61;
@@ -1041,7 +1071,7 @@ fn write_memory<W: Write>(pid: Tid, maps: &[Mapping], w: &mut Writer<W>) -> Resu
                     }
                     l += 1;
                 }
-                w.memory(addr + (k * PAGE) as u64, &buf[k * PAGE..l * PAGE])?;
+                emit(addr + (k * PAGE) as u64, &buf[k * PAGE..l * PAGE])?;
                 total += ((l - k) * PAGE) as u64;
                 k = l;
             }
@@ -1055,7 +1085,20 @@ fn shared_anon(path: &[u8]) -> bool {
     path.is_empty() || path.starts_with(b"/dev/zero") || path.starts_with(b"/SYSV")
 }
 
-fn write_tree<W: Write>(root: &Path, dir: &Path, w: &mut Writer<W>) -> Result<(), CkError> {
+/// Where saved memory goes: (address, whole pages).
+type MemSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), CkError> + 'a;
+
+/// A file or directory of the data directory, copied for a checkpoint.
+enum TreeItem {
+    Dir(Vec<u8>, u32),
+    File(Vec<u8>, u32, Vec<u8>),
+}
+
+fn write_tree(
+    root: &Path,
+    dir: &Path,
+    emit: &mut dyn FnMut(TreeItem) -> Result<(), CkError>,
+) -> Result<(), CkError> {
     let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io(dir))?.flatten().collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
@@ -1069,14 +1112,65 @@ fn write_tree<W: Write>(root: &Path, dir: &Path, w: &mut Writer<W>) -> Result<()
             .to_vec();
         let mode = md.permissions().mode() & 0o7777;
         if md.is_dir() {
-            w.dir(&rel, mode)?;
-            write_tree(root, &p, w)?;
+            emit(TreeItem::Dir(rel, mode))?;
+            write_tree(root, &p, emit)?;
         } else if md.is_file() {
             let bytes = std::fs::read(&p).map_err(io(&p))?;
-            w.file(&rel, mode, &bytes)?;
+            emit(TreeItem::File(rel, mode, bytes))?;
         }
     }
     Ok(())
+}
+
+/// A checkpoint copied out of the stopped program, to be written.
+pub(crate) struct Pending {
+    state: State,
+    mem: Vec<(u64, Vec<u8>)>,
+    files: Vec<TreeItem>,
+    memory: u64,
+    dir: PathBuf,
+}
+
+impl Pending {
+    /// Write the file (temporary name, synced, renamed into place).
+    fn write(self) -> Result<Taken, CkError> {
+        let t0 = Instant::now();
+        let pos = self.state.position;
+        let final_path = self.dir.join(format!("ckpt-{pos}.hsck"));
+        let tmp = self.dir.join(format!(".ckpt-{pos}.tmp"));
+        let file = File::create(&tmp).map_err(io(&tmp))?;
+        let mut w = Writer::new(
+            std::io::BufWriter::with_capacity(1 << 20, file),
+            &self.state,
+        )?;
+        for (addr, bytes) in &self.mem {
+            w.memory(*addr, bytes)?;
+        }
+        for t in &self.files {
+            match t {
+                TreeItem::Dir(p, m) => w.dir(p, *m)?,
+                TreeItem::File(p, m, b) => w.file(p, *m, b)?,
+            }
+        }
+        let (out, bytes) = w.finish()?;
+        let file = out.into_inner().map_err(|e| CkError::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &final_path).map_err(io(&final_path))?;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(Taken {
+            path: final_path,
+            position: pos,
+            index: self.state.index,
+            bytes,
+            memory: self.memory,
+            write_time: t0.elapsed(),
+        })
+    }
 }
 
 /// Write the data directory a checkpoint holds into `dir` (emptied first).

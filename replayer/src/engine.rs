@@ -244,6 +244,8 @@ pub(crate) struct CkClock {
     pub last_at: std::time::Instant,
     /// Events passed over since one fell due (not at a clean point).
     pub deferred: u64,
+    /// The checkpoint being written, if any.
+    pub writer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Check that the program on this machine is the one recorded, under the
@@ -453,6 +455,7 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
                 last_pos: c.state.position,
                 last_at: std::time::Instant::now(),
                 deferred: 0,
+                writer: None,
             },
         };
         let out = e.run()?;
@@ -502,6 +505,7 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayOutcome, ReplayE
             last_pos: 0,
             last_at: std::time::Instant::now(),
             deferred: 0,
+            writer: None,
         },
     };
     if let Some(f) = first {
@@ -770,6 +774,7 @@ impl Engine<'_> {
             }
             self.idx += 1;
         }
+        self.checkpoint_written();
         self.finish()
     }
 

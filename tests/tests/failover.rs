@@ -2186,9 +2186,10 @@ fn a_standby_restarted_at_once_is_accepted() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    // SAFETY: plain integers; the pids are our children's.
+    // SAFETY: plain integers; the pid is our child's.
     unsafe { libc::kill(s2.pid(), libc::SIGKILL) };
     let so = s2.wait(10);
+    // SAFETY: plain integers; the pid is our child's.
     unsafe { libc::kill(p.pid(), libc::SIGKILL) };
     let po = p.wait(10);
     assert!(
