@@ -76,6 +76,31 @@ pub struct Policy {
     pub retain: bool,
 }
 
+/// How often to checkpoint: every so many log bytes, or every so long
+/// (when the log moved at all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Every {
+    Bytes(u64),
+    Time(Duration),
+}
+
+impl Every {
+    /// The policy for checkpoints into `dir`, keeping two.
+    pub fn policy(self, dir: PathBuf, retain: bool) -> Policy {
+        let (every_bytes, every) = match self {
+            Every::Bytes(b) => (b, None),
+            Every::Time(d) => (u64::MAX, Some(d)),
+        };
+        Policy {
+            dir,
+            every_bytes,
+            every,
+            keep: 2,
+            retain,
+        }
+    }
+}
+
 /// A checkpoint taken.
 #[derive(Debug, Clone)]
 pub struct Taken {

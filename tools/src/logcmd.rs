@@ -257,7 +257,7 @@ fn verify(dir: &Path) -> Result<u8, LogError> {
 /// Checkpoints asked of `hotstandby replay`.
 #[derive(Debug, Default)]
 pub struct Checkpoints {
-    pub every: Option<u64>,
+    pub every: Option<hotstandby_replayer::checkpoint::Every>,
     pub dir: Option<PathBuf>,
     pub from: Option<PathBuf>,
 }
@@ -277,15 +277,12 @@ pub fn replay(dir: &Path, show: bool, go_live: bool, ck: Checkpoints) -> anyhow:
         &ReplayOptions {
             show_output: show,
             go_live,
-            checkpoints: ck
-                .every
-                .map(|every| hotstandby_replayer::checkpoint::Policy {
-                    dir: ck.dir.clone().unwrap_or_else(|| dir.join("checkpoints")),
-                    every_bytes: every,
-                    every: None,
-                    keep: 2,
-                    retain: false,
-                }),
+            checkpoints: ck.every.map(|every| {
+                every.policy(
+                    ck.dir.clone().unwrap_or_else(|| dir.join("checkpoints")),
+                    false,
+                )
+            }),
             resume: ck.from.clone(),
             ..Default::default()
         },

@@ -53,9 +53,10 @@ enum Cmd {
         #[arg(long)]
         go_live: bool,
         /// Take a checkpoint of the replayed program every this many log
-        /// bytes (suffixes K, M, G), at the next clean point.
-        #[arg(long, value_parser = parse_bytes)]
-        checkpoint_every: Option<u64>,
+        /// bytes (suffixes K, M, G) or this long (s, m, h: "30s"), at the
+        /// next clean point.
+        #[arg(long, value_parser = parse_every)]
+        checkpoint_every: Option<hotstandby_replayer::checkpoint::Every>,
         /// Where checkpoints go (default: LOG/checkpoints); the last two are kept.
         #[arg(long)]
         checkpoint_dir: Option<PathBuf>,
@@ -123,11 +124,12 @@ enum Cmd {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
         /// Checkpoint the replayed program every this many log bytes
-        /// (suffixes K, M, G) and delete the log before the older of the
-        /// two checkpoints kept; a restarted standby resumes from its
-        /// newest checkpoint. Off by default (docs/design.md, "Checkpoints").
-        #[arg(long, value_parser = parse_bytes)]
-        checkpoint_every: Option<u64>,
+        /// (suffixes K, M, G) or this long (s, m, h: "10m"), upload each to
+        /// the primary and delete the log before the older of the two
+        /// checkpoints kept; a restarted standby resumes from its newest
+        /// checkpoint. Off by default (docs/design.md, "Checkpoints").
+        #[arg(long, value_parser = parse_every)]
+        checkpoint_every: Option<hotstandby_replayer::checkpoint::Every>,
     },
     /// Role, peer, lag, heartbeats of the node using log DIR.
     Status {
@@ -242,13 +244,37 @@ struct NodeSettings {
     data_dir: Option<PathBuf>,
 }
 
-/// `--FLAG` or `KEY` of the config file, or an error naming both.
+/// A checkpoint interval: a byte count ("64M") or a time ("30s", "10m", "1h").
+fn parse_every(s: &str) -> Result<hotstandby_replayer::checkpoint::Every, String> {
+    use hotstandby_replayer::checkpoint::Every;
+    let t = s.trim();
+    let secs = |n: &str, mul: u64| -> Result<Every, String> {
+        let v: u64 = n.parse().map_err(|_| {
+            format!("{s:?} is not a time (like 30s or 10m) or a byte count (like 64M)")
+        })?;
+        if v == 0 {
+            return Err(format!("{s:?}: a checkpoint interval must be more than 0"));
+        }
+        Ok(Every::Time(std::time::Duration::from_secs(v * mul)))
+    };
+    match t.chars().last() {
+        Some('s') => secs(&t[..t.len() - 1], 1),
+        Some('h') => secs(&t[..t.len() - 1], 3600),
+        Some('m') if t.len() > 1 && t[..t.len() - 1].chars().all(|c| c.is_ascii_digit()) => {
+            secs(&t[..t.len() - 1], 60)
+        }
+        _ => parse_bytes(t).map(Every::Bytes).map_err(|_| {
+            format!("{s:?} is not a byte count (like 64M) or a time (like 30s, 10m, 1h)")
+        }),
+    }
+}
+
 /// A byte count with an optional K, M or G suffix (powers of 1024).
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mul) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
         Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
         _ => (t, 1),
     };
@@ -260,6 +286,7 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a usable byte count"))
 }
 
+/// `--FLAG` or `KEY` of the config file, or an error naming both.
 fn need<T>(v: Option<T>, flag: &str, key: &str) -> anyhow::Result<T> {
     v.ok_or_else(|| anyhow::anyhow!("--{flag} is required (or `{key}` in the --config file)"))
 }
@@ -557,7 +584,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let every = match (checkpoint_every, &f.standby.checkpoint_every) {
                 (Some(v), _) => Some(v),
                 (None, Some(v)) => Some(
-                    parse_bytes(v)
+                    parse_every(v)
                         .map_err(|e| anyhow::anyhow!("checkpoint_every in [standby]: {e}"))?,
                 ),
                 (None, None) => None,
@@ -578,5 +605,37 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             );
             Ok(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hotstandby_replayer::checkpoint::Every;
+    use std::time::Duration;
+
+    #[test]
+    fn checkpoint_intervals_are_bytes_or_times() {
+        assert_eq!(parse_every("64M"), Ok(Every::Bytes(64 << 20)));
+        assert_eq!(parse_every("512K"), Ok(Every::Bytes(512 << 10)));
+        assert_eq!(parse_every("1G"), Ok(Every::Bytes(1 << 30)));
+        assert_eq!(parse_every("4096"), Ok(Every::Bytes(4096)));
+        assert_eq!(parse_every("30s"), Ok(Every::Time(Duration::from_secs(30))));
+        assert_eq!(
+            parse_every("10m"),
+            Ok(Every::Time(Duration::from_secs(600)))
+        );
+        assert_eq!(
+            parse_every("2h"),
+            Ok(Every::Time(Duration::from_secs(7200)))
+        );
+        for bad in ["0s", "0", "x", "1x", "m", "-5M", ""] {
+            assert!(parse_every(bad).is_err(), "{bad:?} accepted");
+        }
+        let p = Every::Time(Duration::from_secs(5)).policy("d".into(), true);
+        assert_eq!(
+            (p.every_bytes, p.every),
+            (u64::MAX, Some(Duration::from_secs(5)))
+        );
     }
 }

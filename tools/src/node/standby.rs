@@ -34,7 +34,7 @@ pub fn standby(
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     vip: Option<Vip>,
-    checkpoint_every: Option<u64>,
+    checkpoint_every: Option<hotstandby_replayer::checkpoint::Every>,
 ) -> anyhow::Result<u8> {
     use std::os::unix::fs::DirBuilderExt;
     let (keys, peer) = tls.load()?;
@@ -232,7 +232,7 @@ struct ReplaySetup {
     /// The standby's own copy of the program's data directory.
     data_dir: Option<PathBuf>,
     /// Log bytes between checkpoints (none: no checkpoints).
-    checkpoint_every: Option<u64>,
+    checkpoint_every: Option<hotstandby_replayer::checkpoint::Every>,
 }
 
 /// The newest checkpoint in `dir` that is whole and continues this log
@@ -278,13 +278,7 @@ fn start_replay(
     let data_dir = setup.data_dir.clone();
     let checkpoints = setup
         .checkpoint_every
-        .map(|every| hotstandby_replayer::checkpoint::Policy {
-            dir: ckdir,
-            every_bytes: every,
-            every: None,
-            keep: 2,
-            retain: true,
-        });
+        .map(|every| every.policy(ckdir, true));
     std::thread::Builder::new()
         .name("replay".into())
         .spawn(move || {
