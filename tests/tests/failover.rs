@@ -1955,6 +1955,8 @@ fn redis_with_checkpoints_bounded_logs_restart_failover_and_a_new_standby_from_a
             "",
             "--appendonly",
             "yes",
+            "--enable-debug-command",
+            "yes",
             "--dir",
         ])
         .arg(&data)
@@ -2077,6 +2079,14 @@ fn redis_with_checkpoints_bounded_logs_restart_failover_and_a_new_standby_from_a
         write(&lab.hosts.primary_ns, "198.51.100.1", round);
     }
     caught_up(&lp);
+    // The whole data set as the primary acknowledged it.
+    let digest1 = redis_cli(
+        &lab,
+        &lab.hosts.primary_ns,
+        "198.51.100.1",
+        &["debug", "digest"],
+    );
+    assert_eq!(digest1.len(), 40, "DEBUG DIGEST: {digest1}");
     // SAFETY: plain integers; the pid is our child's.
     unsafe { libc::kill(p.pid(), libc::SIGKILL) };
     let po = p.wait(10);
@@ -2117,6 +2127,16 @@ fn redis_with_checkpoints_bounded_logs_restart_failover_and_a_new_standby_from_a
         }
     };
     check(&lab.hosts.standby_ns, "198.51.100.2", 14);
+    assert_eq!(
+        redis_cli(
+            &lab,
+            &lab.hosts.standby_ns,
+            "198.51.100.2",
+            &["debug", "digest"]
+        ),
+        digest1,
+        "the new primary holds exactly the data set the old one acknowledged"
+    );
 
     // Re-protection: a new standby on the first host, empty directories,
     // joins the new primary from the checkpoint it sends.
@@ -2134,6 +2154,13 @@ fn redis_with_checkpoints_bounded_logs_restart_failover_and_a_new_standby_from_a
         write(&lab.hosts.standby_ns, "198.51.100.2", round);
     }
     caught_up(&slog);
+    let digest2 = redis_cli(
+        &lab,
+        &lab.hosts.standby_ns,
+        "198.51.100.2",
+        &["debug", "digest"],
+    );
+    assert_ne!(digest2, digest1, "two more rounds were written");
     // SAFETY: plain integers; the pid is our child's.
     unsafe { libc::kill(s.pid(), libc::SIGKILL) };
     let so = s.wait(10);
@@ -2148,6 +2175,16 @@ fn redis_with_checkpoints_bounded_logs_restart_failover_and_a_new_standby_from_a
         "second failover",
     );
     check(&lab.hosts.primary_ns, "198.51.100.1", 16);
+    assert_eq!(
+        redis_cli(
+            &lab,
+            &lab.hosts.primary_ns,
+            "198.51.100.1",
+            &["debug", "digest"]
+        ),
+        digest2,
+        "the standby that joined from a checkpoint holds exactly the acknowledged data set"
+    );
     redis_cli(
         &lab,
         &lab.hosts.primary_ns,
