@@ -82,6 +82,10 @@ pub struct Mapping {
     /// refuses a file that changed since (a library upgraded).
     pub file_size: u64,
     pub file_mtime_ns: i64,
+    /// A shared mapping of a file outside the data directory (the JVM's
+    /// perf data in /tmp): its pages are saved, and the file is made again
+    /// at that size if it is gone when the checkpoint is restored.
+    pub contents_saved: bool,
 }
 
 impl Mapping {
@@ -667,6 +671,7 @@ mod tests {
                 path: vec![],
                 file_size: 0,
                 file_mtime_ns: 0,
+                contents_saved: false,
             }],
             fds: vec![Fd {
                 fd: 3,

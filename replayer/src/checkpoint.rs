@@ -231,6 +231,7 @@ fn parse_maps(pid: Tid) -> Result<Vec<Mapping>, CkError> {
             path: path.as_bytes().to_vec(),
             file_size: 0,
             file_mtime_ns: 0,
+            contents_saved: false,
         });
     }
     Ok(out)
@@ -601,6 +602,11 @@ impl Engine<'_> {
                 tracing::debug!(why, "checkpoint due; waiting for a clean point");
             }
             self.ckpt.deferred += 1;
+            if self.ckpt.deferred == 100_000 {
+                tracing::warn!(
+                    "a checkpoint has been due for 100000 events and none can be taken yet: {why}"
+                );
+            }
             return Ok(None);
         }
         if matches!(self.th(tid)?.st, St::Running(_)) {
@@ -938,6 +944,14 @@ impl Engine<'_> {
                 let (size, mtime) = map_file_id(pid, m).unwrap_or((0, 0));
                 m.file_size = size;
                 m.file_mtime_ns = mtime;
+                let data_dir = &self.src.identity().data_dir;
+                let inside = !data_dir.is_empty()
+                    && m.path.starts_with(data_dir)
+                    && m.path.get(data_dir.len()) == Some(&b'/');
+                m.contents_saved = m.shared
+                    && m.prot & libc::PROT_WRITE as u32 != 0
+                    && !inside
+                    && !shared_anon(&m.path);
             }
         }
         let fds = describe_fds(pid)?;
@@ -1051,7 +1065,7 @@ fn write_memory(pid: Tid, maps: &[Mapping], emit: &mut MemSink<'_>) -> Result<u6
         if m.special() {
             continue;
         }
-        let anon_shared = m.shared && shared_anon(&m.path);
+        let anon_shared = m.shared && (shared_anon(&m.path) || m.contents_saved);
         if m.shared && !anon_shared {
             continue;
         }
@@ -1084,14 +1098,20 @@ fn write_memory(pid: Tid, maps: &[Mapping], emit: &mut MemSink<'_>) -> Result<u6
             let mut k = 0;
             while k < j - i {
                 let page = &buf[k * PAGE..(k + 1) * PAGE];
-                if (m.anonymous() || anon_shared) && page.iter().all(|b| *b == 0) {
+                if (m.anonymous() || anon_shared)
+                    && !m.contents_saved
+                    && page.iter().all(|b| *b == 0)
+                {
                     k += 1;
                     continue;
                 }
                 let mut l = k + 1;
                 while l < j - i {
                     let pg = &buf[l * PAGE..(l + 1) * PAGE];
-                    if (m.anonymous() || anon_shared) && pg.iter().all(|b| *b == 0) {
+                    if (m.anonymous() || anon_shared)
+                        && !m.contents_saved
+                        && pg.iter().all(|b| *b == 0)
+                    {
                         break;
                     }
                     l += 1;
@@ -1332,7 +1352,9 @@ pub(crate) fn restore(
         let file_backed = !(m.anonymous() || m.shared && shared_anon(path));
         if file_backed {
             write_cstr(pid, data, path)?;
-            let acc = if m.shared && m.prot & libc::PROT_WRITE as u32 != 0 {
+            let acc = if m.contents_saved {
+                libc::O_RDWR | libc::O_CREAT
+            } else if m.shared && m.prot & libc::PROT_WRITE as u32 != 0 {
                 libc::O_RDWR
             } else {
                 libc::O_RDONLY
@@ -1340,10 +1362,21 @@ pub(crate) fn restore(
             let (s2, r, _) = call(
                 s,
                 libc::SYS_openat,
-                [libc::AT_FDCWD as u64, data, acc as u64, 0, 0, 0],
+                [libc::AT_FDCWD as u64, data, acc as u64, 0o600, 0, 0],
             )?;
             s = s2;
             fd = check(&format!("opening {}", String::from_utf8_lossy(path)), r)? as u64;
+            if m.contents_saved {
+                // Made again if it is gone (its saved pages, zeros
+                // included, go in below); never shortened.
+                let now =
+                    std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).map_or(0, |md| md.len());
+                if now < m.file_size {
+                    let (s2, r, _) = call(s, libc::SYS_ftruncate, [fd, m.file_size, 0, 0, 0, 0])?;
+                    s = s2;
+                    check("ftruncate", r)?;
+                }
+            }
             flags |= if m.shared {
                 libc::MAP_SHARED
             } else {
@@ -1391,7 +1424,7 @@ pub(crate) fn restore(
         if file_backed {
             let (s2, _, _) = call(s, libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
             s = s2;
-            if let Some(want) = id {
+            if let Some(want) = id.filter(|_| !m.contents_saved) {
                 let now = map_file_id(pid, m);
                 if now != Some(want) {
                     return Err(CkError::Restore(format!(
@@ -1412,7 +1445,19 @@ pub(crate) fn restore(
         .map_err(io(&mem_path))?;
     for it in ck.items() {
         if let Item::Mem { addr, bytes } = it? {
-            mem.write_all_at(bytes, addr).map_err(io(&mem_path))?;
+            mem.write_all_at(bytes, addr).map_err(|e| {
+                let m = st.mappings.iter().find(|m| m.start <= addr && addr < m.end);
+                CkError::Restore(format!(
+                    "writing {} bytes of memory at {addr:#x} ({}): {e}",
+                    bytes.len(),
+                    m.map_or("no mapping".into(), |m| format!(
+                        "{:#x}-{:#x} {}",
+                        m.start,
+                        m.end,
+                        String::from_utf8_lossy(&m.path)
+                    ))
+                ))
+            })?;
         }
     }
     tracing::debug!("restore: memory written");

@@ -310,3 +310,77 @@ fn python_threads_and_a_pipe_resume_from_a_checkpoint() {
     assert_eq!(out, rec.stdout);
     assert!(String::from_utf8_lossy(&out).contains("items 12000 pipe 240"));
 }
+
+/// Shared mappings of files outside the data directory: a read-only one
+/// (like the JVM's `lib/modules`) is left exactly as it is by checkpoints
+/// and restores, and a writable one the program deletes at its exit (like
+/// the JVM's perf data in /tmp) is made again with its saved contents.
+const SHARED_PY: &str = r#"
+import mmap, os, time
+ro = open("ro.bin", "rb")
+m1 = mmap.mmap(ro.fileno(), 0, prot=mmap.PROT_READ)
+f = open("perf.bin", "w+b")
+f.truncate(8192)
+m2 = mmap.mmap(f.fileno(), 8192)
+total = 0
+for i in range(400):
+    m2[i % 8192] = (m2[i % 8192] + i) % 256
+    total += m1[i * 7 % len(m1)]
+    if i % 20 == 0:
+        time.sleep(0.001)
+print("sum", total, "perf", sum(m2[:512]))
+os.unlink("perf.bin")
+"#;
+
+#[test]
+fn shared_file_mappings_outside_the_data_directory_are_left_alone_or_made_again() {
+    require_root();
+    let b = bin();
+    let s = Scratch::new("ck-shared");
+    std::fs::write(s.join("t.py"), SHARED_PY).unwrap();
+    let ro: Vec<u8> = (0..20000u32).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(s.join("ro.bin"), &ro).unwrap();
+    let before = std::fs::metadata(s.join("ro.bin")).unwrap();
+    let py = python();
+    let log = s.join("log");
+    let rec = record(&b, &log, s.path(), None, &[&py, "t.py"], None);
+    assert!(rec.status.success(), "{}", text(&rec));
+    let full = replay_with(&b, &log, &["--checkpoint-every", "16K"]);
+    assert_eq!(full.status.code(), Some(0), "{}", text(&full));
+    assert_eq!(full.stdout, rec.stdout);
+    let cks = checkpoints(&log.join("checkpoints"));
+    assert!(!cks.is_empty(), "{}", text(&full));
+    let saved = cks.iter().any(|ck| {
+        let bytes = std::fs::read(ck).unwrap();
+        let c = Checkpoint::parse(&bytes).unwrap();
+        c.state
+            .mappings
+            .iter()
+            .any(|m| m.contents_saved && m.path.ends_with(b"perf.bin"))
+    });
+    assert!(
+        saved,
+        "a checkpoint holds perf.bin's shared mapping with its contents"
+    );
+    for ck in &cks {
+        assert!(
+            !s.join("perf.bin").exists(),
+            "the program deletes it at exit"
+        );
+        let o = replay_with(&b, &log, &["--from-checkpoint", ck.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("restored from checkpoint"));
+        assert!(rec.stdout.ends_with(&o.stdout), "{}", text(&o));
+    }
+    let after = std::fs::metadata(s.join("ro.bin")).unwrap();
+    assert_eq!(
+        std::fs::read(s.join("ro.bin")).unwrap(),
+        ro,
+        "ro.bin was changed"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (after.len(), after.mtime(), after.mtime_nsec()),
+        (before.len(), before.mtime(), before.mtime_nsec())
+    );
+}
