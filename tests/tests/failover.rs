@@ -2062,6 +2062,22 @@ fn redis_with_checkpoints_bounded_logs_restart_failover_and_a_new_standby_from_a
     let stats = String::from_utf8_lossy(&stats.stdout);
     assert!(stats.contains("retained:  from byte"), "{stats}");
     assert!(stats.contains("checkpoint: at byte"), "{stats}");
+    for dir in [&slog, &lp] {
+        let st = status(&lab.b, dir);
+        assert!(
+            st.contains("log on disk:") && st.contains("kept from byte"),
+            "{st}"
+        );
+        assert!(st.contains("checkpoint:  at byte"), "{st}");
+        let j = status_json(&lab, dir);
+        let on_disk = j["storage"]["log_on_disk_bytes"].as_u64().unwrap();
+        assert!(on_disk > 0 && on_disk <= bound, "{j}");
+        assert_eq!(
+            j["storage"]["checkpoints"].as_array().map(|a| a.len()),
+            Some(2),
+            "{j}"
+        );
+    }
 
     // Kill the standby and start it again on the same directories.
     // SAFETY: plain integers; the pid is our child's.

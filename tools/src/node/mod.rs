@@ -127,11 +127,14 @@ impl LagClock {
 struct StatusFile {
     tx: mpsc::SyncSender<report::Report>,
     next: Instant,
+    /// The log directory (its disk use and checkpoints go in each report).
+    dir: PathBuf,
 }
 
 impl StatusFile {
     fn new(dir: &Path) -> Self {
         let (tx, rx) = mpsc::sync_channel::<report::Report>(4);
+        let dir_for_storage = dir.to_path_buf();
         let dir = dir.to_path_buf();
         std::thread::Builder::new()
             .name("status-file".into())
@@ -148,6 +151,7 @@ impl StatusFile {
         StatusFile {
             tx,
             next: Instant::now(),
+            dir: dir_for_storage,
         }
     }
 
@@ -163,6 +167,7 @@ impl StatusFile {
 
     fn write(&mut self, mut r: report::Report, now: Instant) {
         r.failovers = report::FAILOVERS.load(std::sync::atomic::Ordering::Relaxed);
+        r.storage = Some(report::StoragePart::of(&self.dir));
         report::publish(&r);
         let _ = self.tx.try_send(r);
         self.next = now + STATUS_EVERY;
@@ -171,6 +176,7 @@ impl StatusFile {
     /// Write now and wait until it is on disk (before the process exits).
     fn write_now(dir: &Path, mut r: report::Report) {
         r.failovers = report::FAILOVERS.load(std::sync::atomic::Ordering::Relaxed);
+        r.storage = Some(report::StoragePart::of(dir));
         report::publish(&r);
         Self::put(dir, &r);
     }

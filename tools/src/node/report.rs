@@ -91,6 +91,53 @@ pub struct StandbyPart {
     pub replaying: bool,
 }
 
+/// The log on disk and the checkpoints kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoragePart {
+    /// Bytes of the log file holding data (the deleted part is a hole).
+    pub log_on_disk_bytes: u64,
+    /// The log before this byte was deleted after checkpoints.
+    pub kept_from: Option<u64>,
+    /// Newest first.
+    pub checkpoints: Vec<CheckpointInfo>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// Log position it continues from.
+    pub position: u64,
+    pub bytes: u64,
+    pub age_ms: u64,
+}
+
+impl StoragePart {
+    /// Read from a log directory.
+    pub fn of(dir: &std::path::Path) -> Self {
+        let checkpoints = hotstandby_replayer::checkpoint::list(&dir.join("checkpoints"))
+            .into_iter()
+            .rev()
+            .filter_map(|(position, path)| {
+                let md = std::fs::metadata(&path).ok()?;
+                let age_ms = md
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .map_or(0, |d| d.as_millis() as u64);
+                Some(CheckpointInfo {
+                    position,
+                    bytes: md.len(),
+                    age_ms,
+                })
+            })
+            .collect();
+        StoragePart {
+            log_on_disk_bytes: hotstandby_recorder::logfile::allocated_bytes(dir),
+            kept_from: hotstandby_recorder::logfile::retained(dir).map(|r| r.offset),
+            checkpoints,
+        }
+    }
+}
+
 /// One node's status.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -112,6 +159,9 @@ pub struct Report {
     pub pid: u32,
     pub primary: Option<PrimaryPart>,
     pub standby: Option<StandbyPart>,
+    /// The log on disk and the checkpoints (filled when the report is written).
+    #[serde(default)]
+    pub storage: Option<StoragePart>,
 }
 
 impl Report {
@@ -197,6 +247,36 @@ impl Report {
                 s.replayed_events,
             );
         }
+        if let Some(st) = &self.storage {
+            match st.kept_from {
+                Some(k) => {
+                    let _ = writeln!(
+                        t,
+                        "log on disk: {} bytes (kept from byte {k}; the log before was deleted after checkpoints)",
+                        st.log_on_disk_bytes
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        t,
+                        "log on disk: {} bytes (the whole log)",
+                        st.log_on_disk_bytes
+                    );
+                }
+            }
+            if st.checkpoints.is_empty() {
+                t.push_str("checkpoint:  none\n");
+            }
+            for c in &st.checkpoints {
+                let _ = writeln!(
+                    t,
+                    "checkpoint:  at byte {}, {} bytes, {:.1} s old",
+                    c.position,
+                    c.bytes,
+                    c.age_ms as f64 / 1e3
+                );
+            }
+        }
         if self.failovers > 0 {
             let _ = writeln!(t, "failovers:   {} (this process)", self.failovers);
         }
@@ -217,6 +297,28 @@ impl Report {
             &[("role", role)],
             1.0,
         );
+        if let Some(st) = &self.storage {
+            m.gauge(
+                "hotstandby_log_disk_bytes",
+                "Bytes of this node's log on disk (the part deleted after checkpoints not counted)",
+                &[],
+                st.log_on_disk_bytes as f64,
+            );
+            if let Some(c) = st.checkpoints.first() {
+                m.gauge(
+                    "hotstandby_checkpoint_position_bytes",
+                    "Log position of the newest checkpoint kept",
+                    &[],
+                    c.position as f64,
+                );
+                m.gauge(
+                    "hotstandby_checkpoint_age_seconds",
+                    "Age of the newest checkpoint kept",
+                    &[],
+                    c.age_ms as f64 / 1e3,
+                );
+            }
+        }
         m.gauge(
             "hotstandby_epoch",
             "The epoch served or followed",
