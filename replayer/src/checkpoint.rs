@@ -1057,8 +1057,6 @@ fn write_memory(pid: Tid, maps: &[Mapping], emit: &mut MemSink<'_>) -> Result<u6
     const FILE: u64 = 1 << 61;
     let pm_path = PathBuf::from(format!("/proc/{pid}/pagemap"));
     let pm = File::open(&pm_path).map_err(io(&pm_path))?;
-    let mem_path = PathBuf::from(format!("/proc/{pid}/mem"));
-    let mem = File::open(&mem_path).map_err(io(&mem_path))?;
     let mut total = 0u64;
     let mut buf = Vec::new();
     for m in maps {
@@ -1093,7 +1091,7 @@ fn write_memory(pid: Tid, maps: &[Mapping], emit: &mut MemSink<'_>) -> Result<u6
             }
             let addr = m.start + (i * PAGE) as u64;
             buf.resize((j - i) * PAGE, 0);
-            mem.read_exact_at(&mut buf, addr).map_err(io(&mem_path))?;
+            sys::read_mem_into(pid, addr, &mut buf)?;
             // Zero pages of anonymous memory are what a new mapping holds.
             let mut k = 0;
             while k < j - i {

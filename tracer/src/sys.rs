@@ -180,6 +180,33 @@ pub fn read_mem(tid: i32, addr: u64, len: usize) -> Result<Vec<u8>, SysError> {
     Ok(buf)
 }
 
+/// Read the tracee's memory at `addr` into `buf` (process_vm_readv, then
+/// /proc/PID/mem for pages the program itself cannot read).
+pub fn read_mem_into(tid: i32, addr: u64, buf: &mut [u8]) -> Result<(), SysError> {
+    let len = buf.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let remote = [RemoteIoVec {
+        base: addr as usize,
+        len,
+    }];
+    let mut local = [io::IoSliceMut::new(buf)];
+    if let Ok(n) = process_vm_readv(Pid::from_raw(tid), &mut local, &remote) {
+        if n == len {
+            return Ok(());
+        }
+    }
+    let err = |source| SysError::Mem {
+        tid,
+        addr,
+        len,
+        source,
+    };
+    let f = File::open(format!("/proc/{tid}/mem")).map_err(err)?;
+    f.read_exact_at(buf, addr).map_err(err)
+}
+
 /// Read a NUL-terminated string (at most `max` bytes) from the tracee.
 pub fn read_cstr(tid: i32, addr: u64, max: usize) -> Result<Vec<u8>, SysError> {
     let mut out = Vec::new();
