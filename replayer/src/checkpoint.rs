@@ -1266,6 +1266,15 @@ pub(crate) fn restore(
 ) -> Result<Restored, CkError> {
     let st = &ck.state;
     let pid = fresh.tid();
+    let mut tids: Vec<u32> = st.threads.iter().map(|t| t.tid).collect();
+    tids.sort_unstable();
+    tids.dedup();
+    if tids.len() != st.threads.len() || !tids.contains(&st.leader) {
+        return Err(CkError::Restore(format!(
+            "the checkpoint's threads {tids:?} do not hold its main thread {} once",
+            st.leader
+        )));
+    }
     if ns_pid != st.leader {
         return Err(CkError::Restore(format!(
             "the new program is {ns_pid} in its PID namespace, the checkpoint's was {}",

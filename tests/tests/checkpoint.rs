@@ -255,6 +255,21 @@ fn corrupt_truncated_and_foreign_checkpoints_are_refused() {
     std::fs::write(&garbage, b"GIF89a this is not a checkpoint at all").unwrap();
     refused(&garbage, "not a hotstandby checkpoint");
     refused(&s.join("missing.hsck"), "No such file");
+    // Whole and sealed, but inconsistent: no main thread.
+    let c = Checkpoint::parse(&bytes).unwrap();
+    let mut st = c.state.clone();
+    st.threads.retain(|t| t.tid != st.leader);
+    let mut w = Writer::new(Vec::new(), &st).unwrap();
+    for it in c.items() {
+        match it.unwrap() {
+            Item::Mem { addr, bytes } => w.memory(addr, bytes).unwrap(),
+            Item::File { path, mode, bytes } => w.file(path, mode, bytes).unwrap(),
+            Item::Dir { path, mode } => w.dir(path, mode).unwrap(),
+        }
+    }
+    let headless = s.join("headless.hsck");
+    std::fs::write(&headless, w.finish().unwrap().0).unwrap();
+    refused(&headless, "do not hold its main thread");
 
     // A checkpoint of another recording of the same program.
     let log2 = s.join("log2");
