@@ -856,18 +856,36 @@ pub struct Summary {
 
 /// Validate a whole log in one streaming pass (bounded memory), calling
 /// `each` for every event.
-pub fn scan(
+pub fn scan(dir: &Path, each: impl FnMut(usize, &Event)) -> Result<(Identity, Summary), LogError> {
+    scan_with(dir, false, each)
+}
+
+/// As [`scan`], for a log still being written: a frame cut at the end is
+/// where the log ends for now, not corruption.
+pub fn scan_growing(
     dir: &Path,
+    each: impl FnMut(usize, &Event),
+) -> Result<(Identity, Summary), LogError> {
+    scan_with(dir, true, each)
+}
+
+fn scan_with(
+    dir: &Path,
+    live: bool,
     mut each: impl FnMut(usize, &Event),
 ) -> Result<(Identity, Summary), LogError> {
-    let mut c = EventCursor::open(dir, false)?;
+    let mut c = EventCursor::open(dir, live)?;
     let mut i = c.first_held();
     while let Some(e) = c.get(i)? {
         each(i, e);
         c.release_before(i + 1);
         i += 1;
     }
-    let bytes = c.bytes().len() as u64;
+    let bytes = if live {
+        c.pos as u64
+    } else {
+        c.bytes().len() as u64
+    };
     if c.pos as u64 != bytes {
         // Unreachable: get() errors on anything but a clean end.
         return Err(c.corrupt(FrameError::Truncated {

@@ -123,7 +123,8 @@ fn stats(dir: &Path) -> Result<u8, LogError> {
     let mut data = 0u64;
     let mut buffered: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut packed_bytes = 0u64;
-    let (identity, summary) = logfile::scan(dir, |_, e| {
+    // A node's log may be growing: stats count the whole frames so far.
+    let (identity, summary) = logfile::scan_growing(dir, |_, e| {
         *kinds.entry(e.kind()).or_default() += 1;
         threads.insert(e.tid());
         if let Event::Spawn { child, .. } = e {
