@@ -581,7 +581,9 @@ impl Engine<'_> {
         ev: &hotstandby_protocol::record::Event,
     ) -> Result<Option<Taken>, ReplayError> {
         use hotstandby_protocol::record::Event;
-        let Some(p) = self.opts.checkpoints.clone() else {
+        // Before every event of a replay with checkpoints: nothing is
+        // cloned or allocated until one is due.
+        let Some(p) = self.opts.checkpoints.as_ref() else {
             return Ok(None);
         };
         let pos = self.event_start;
@@ -592,6 +594,7 @@ impl Engine<'_> {
         if !(due_bytes || due_time) {
             return Ok(None);
         }
+        let p = p.clone();
         let tid = match ev {
             Event::Syscall(s) => s.tid,
             Event::Enter { tid, .. } => *tid,
@@ -1348,165 +1351,11 @@ pub(crate) fn restore(
         check("munmap", r)?;
     }
     tracing::debug!("restore: address space emptied");
-    // Map the checkpoint's areas.
-    for m in st.mappings.iter().filter(|m| !m.special()) {
-        let len = m.end - m.start;
-        let mut flags = libc::MAP_FIXED_NOREPLACE as u64;
-        let mut fd = u64::MAX;
-        let path = &m.path[..];
-        let id =
-            (m.file_size != 0 || m.file_mtime_ns != 0).then_some((m.file_size, m.file_mtime_ns));
-        let file_backed = !(m.anonymous() || m.shared && shared_anon(path));
-        if file_backed {
-            write_cstr(pid, data, path)?;
-            let acc = if m.contents_saved {
-                libc::O_RDWR | libc::O_CREAT
-            } else if m.shared && m.prot & libc::PROT_WRITE as u32 != 0 {
-                libc::O_RDWR
-            } else {
-                libc::O_RDONLY
-            };
-            let (s2, r, _) = call(
-                s,
-                libc::SYS_openat,
-                [libc::AT_FDCWD as u64, data, acc as u64, 0o600, 0, 0],
-            )?;
-            s = s2;
-            fd = check(&format!("opening {}", String::from_utf8_lossy(path)), r)? as u64;
-            if m.contents_saved {
-                // Made again if it is gone (its saved pages, zeros
-                // included, go in below); never shortened.
-                let now =
-                    std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).map_or(0, |md| md.len());
-                if now < m.file_size {
-                    let (s2, r, _) = call(s, libc::SYS_ftruncate, [fd, m.file_size, 0, 0, 0, 0])?;
-                    s = s2;
-                    check("ftruncate", r)?;
-                }
-            }
-            flags |= if m.shared {
-                libc::MAP_SHARED
-            } else {
-                libc::MAP_PRIVATE
-            } as u64;
-        } else {
-            flags |= libc::MAP_ANONYMOUS as u64
-                | if m.shared {
-                    libc::MAP_SHARED
-                } else {
-                    libc::MAP_PRIVATE
-                } as u64;
-            if path == b"[stack]" {
-                flags |= libc::MAP_GROWSDOWN as u64;
-            }
-        }
-        let (s2, r, _) = call(
-            s,
-            libc::SYS_mmap,
-            [
-                m.start,
-                len,
-                m.prot as u64,
-                flags,
-                fd,
-                if file_backed { m.offset } else { 0 },
-            ],
-        )?;
-        s = s2;
-        let got = check(
-            &format!(
-                "mapping {:#x}-{:#x} {}",
-                m.start,
-                m.end,
-                String::from_utf8_lossy(path)
-            ),
-            r,
-        )? as u64;
-        if got != m.start {
-            return Err(CkError::Restore(format!(
-                "{:#x} was mapped at {got:#x}",
-                m.start
-            )));
-        }
-        if file_backed {
-            let (s2, _, _) = call(s, libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
-            s = s2;
-            if let Some(want) = id.filter(|_| !m.contents_saved) {
-                let now = map_file_id(pid, m);
-                if now != Some(want) {
-                    return Err(CkError::Restore(format!(
-                        "{} changed since the checkpoint (size and time {want:?}, now {now:?})",
-                        String::from_utf8_lossy(path)
-                    )));
-                }
-            }
-        }
-    }
+    s = map_areas(s, pid, site, data, st)?;
     tracing::debug!("restore: areas mapped");
-    // Their contents.
-    let mem_path = PathBuf::from(format!("/proc/{pid}/mem"));
-    let mem = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&mem_path)
-        .map_err(io(&mem_path))?;
-    for it in ck.items() {
-        if let Item::Mem { addr, bytes } = it? {
-            mem.write_all_at(bytes, addr).map_err(|e| {
-                let m = st.mappings.iter().find(|m| m.start <= addr && addr < m.end);
-                CkError::Restore(format!(
-                    "writing {} bytes of memory at {addr:#x} ({}): {e}",
-                    bytes.len(),
-                    m.map_or("no mapping".into(), |m| format!(
-                        "{:#x}-{:#x} {}",
-                        m.start,
-                        m.end,
-                        String::from_utf8_lossy(&m.path)
-                    ))
-                ))
-            })?;
-        }
-    }
+    write_pages(ck, pid)?;
     tracing::debug!("restore: memory written");
-    // The memory map's bookkeeping (brk, stack, arguments, auxv).
-    let mm = &st.mm;
-    let auxv: Vec<u8> = mm.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
-    sys::write_mem(pid, data + 512, &auxv)?;
-    let mut map = Vec::new();
-    for v in [
-        mm.start_code,
-        mm.end_code,
-        mm.start_data,
-        mm.end_data,
-        mm.start_brk,
-        mm.brk,
-        mm.start_stack,
-        mm.arg_start,
-        mm.arg_end,
-        mm.env_start,
-        mm.env_end,
-        data + 512,
-    ] {
-        map.extend_from_slice(&v.to_le_bytes());
-    }
-    map.extend_from_slice(&(auxv.len() as u32).to_le_bytes());
-    map.extend_from_slice(&u32::MAX.to_le_bytes());
-    sys::write_mem(pid, data, &map)?;
-    const PR_SET_MM_MAP: u64 = 14;
-    let (s2, r, _) = call(
-        s,
-        libc::SYS_prctl,
-        [
-            libc::PR_SET_MM as u64,
-            PR_SET_MM_MAP,
-            data,
-            map.len() as u64,
-            0,
-            0,
-        ],
-    )?;
-    s = s2;
-    check("prctl(PR_SET_MM_MAP)", r)?;
+    s = set_mm(s, pid, site, data, &st.mm)?;
     tracing::debug!("restore: memory map set");
     // File descriptors.
     s = restore_fds(s, pid, site, data, &st.fds)?;
@@ -1659,6 +1508,201 @@ pub(crate) fn restore(
         );
     }
     Ok(Restored { threads })
+}
+
+/// Map each of the checkpoint's areas at its address (files reopened and
+/// checked unchanged; a writable shared file outside the data directory
+/// made again if gone).
+fn map_areas(
+    mut s: Stopped,
+    pid: Tid,
+    site: u64,
+    data: u64,
+    st: &State,
+) -> Result<Stopped, CkError> {
+    let call =
+        |s: Stopped, nr: i64, args: [u64; 6]| -> Result<(Stopped, i64, Option<Tid>), CkError> {
+            Ok(s.call_at(site, nr, &args)?)
+        };
+    // Map the checkpoint's areas.
+    for m in st.mappings.iter().filter(|m| !m.special()) {
+        let len = m.end - m.start;
+        let mut flags = libc::MAP_FIXED_NOREPLACE as u64;
+        let mut fd = u64::MAX;
+        let path = &m.path[..];
+        let id =
+            (m.file_size != 0 || m.file_mtime_ns != 0).then_some((m.file_size, m.file_mtime_ns));
+        let file_backed = !(m.anonymous() || m.shared && shared_anon(path));
+        if file_backed {
+            write_cstr(pid, data, path)?;
+            let acc = if m.contents_saved {
+                libc::O_RDWR | libc::O_CREAT
+            } else if m.shared && m.prot & libc::PROT_WRITE as u32 != 0 {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            let (s2, r, _) = call(
+                s,
+                libc::SYS_openat,
+                [libc::AT_FDCWD as u64, data, acc as u64, 0o600, 0, 0],
+            )?;
+            s = s2;
+            fd = check(&format!("opening {}", String::from_utf8_lossy(path)), r)? as u64;
+            if m.contents_saved {
+                // Made again if it is gone (its saved pages, zeros
+                // included, go in below); never shortened.
+                let now =
+                    std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).map_or(0, |md| md.len());
+                if now < m.file_size {
+                    let (s2, r, _) = call(s, libc::SYS_ftruncate, [fd, m.file_size, 0, 0, 0, 0])?;
+                    s = s2;
+                    check("ftruncate", r)?;
+                }
+            }
+            flags |= if m.shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            } as u64;
+        } else {
+            flags |= libc::MAP_ANONYMOUS as u64
+                | if m.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                } as u64;
+            if path == b"[stack]" {
+                flags |= libc::MAP_GROWSDOWN as u64;
+            }
+        }
+        let (s2, r, _) = call(
+            s,
+            libc::SYS_mmap,
+            [
+                m.start,
+                len,
+                m.prot as u64,
+                flags,
+                fd,
+                if file_backed { m.offset } else { 0 },
+            ],
+        )?;
+        s = s2;
+        let got = check(
+            &format!(
+                "mapping {:#x}-{:#x} {}",
+                m.start,
+                m.end,
+                String::from_utf8_lossy(path)
+            ),
+            r,
+        )? as u64;
+        if got != m.start {
+            return Err(CkError::Restore(format!(
+                "{:#x} was mapped at {got:#x}",
+                m.start
+            )));
+        }
+        if file_backed {
+            let (s2, _, _) = call(s, libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+            s = s2;
+            if let Some(want) = id.filter(|_| !m.contents_saved) {
+                let now = map_file_id(pid, m);
+                if now != Some(want) {
+                    return Err(CkError::Restore(format!(
+                        "{} changed since the checkpoint (size and time {want:?}, now {now:?})",
+                        String::from_utf8_lossy(path)
+                    )));
+                }
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// Write the checkpoint's saved pages into the new program.
+fn write_pages(ck: &Checkpoint<'_>, pid: Tid) -> Result<(), CkError> {
+    let st = &ck.state;
+    // Their contents.
+    let mem_path = PathBuf::from(format!("/proc/{pid}/mem"));
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&mem_path)
+        .map_err(io(&mem_path))?;
+    for it in ck.items() {
+        if let Item::Mem { addr, bytes } = it? {
+            mem.write_all_at(bytes, addr).map_err(|e| {
+                let m = st.mappings.iter().find(|m| m.start <= addr && addr < m.end);
+                CkError::Restore(format!(
+                    "writing {} bytes of memory at {addr:#x} ({}): {e}",
+                    bytes.len(),
+                    m.map_or("no mapping".into(), |m| format!(
+                        "{:#x}-{:#x} {}",
+                        m.start,
+                        m.end,
+                        String::from_utf8_lossy(&m.path)
+                    ))
+                ))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The memory map's bookkeeping (brk, stack, arguments, auxv) by
+/// `prctl(PR_SET_MM_MAP)`.
+fn set_mm(
+    mut s: Stopped,
+    pid: Tid,
+    site: u64,
+    data: u64,
+    mm: &MmImage,
+) -> Result<Stopped, CkError> {
+    let call =
+        |s: Stopped, nr: i64, args: [u64; 6]| -> Result<(Stopped, i64, Option<Tid>), CkError> {
+            Ok(s.call_at(site, nr, &args)?)
+        };
+    // The memory map's bookkeeping (brk, stack, arguments, auxv).
+    let auxv: Vec<u8> = mm.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
+    sys::write_mem(pid, data + 512, &auxv)?;
+    let mut map = Vec::new();
+    for v in [
+        mm.start_code,
+        mm.end_code,
+        mm.start_data,
+        mm.end_data,
+        mm.start_brk,
+        mm.brk,
+        mm.start_stack,
+        mm.arg_start,
+        mm.arg_end,
+        mm.env_start,
+        mm.env_end,
+        data + 512,
+    ] {
+        map.extend_from_slice(&v.to_le_bytes());
+    }
+    map.extend_from_slice(&(auxv.len() as u32).to_le_bytes());
+    map.extend_from_slice(&u32::MAX.to_le_bytes());
+    sys::write_mem(pid, data, &map)?;
+    const PR_SET_MM_MAP: u64 = 14;
+    let (s2, r, _) = call(
+        s,
+        libc::SYS_prctl,
+        [
+            libc::PR_SET_MM as u64,
+            PR_SET_MM_MAP,
+            data,
+            map.len() as u64,
+            0,
+            0,
+        ],
+    )?;
+    s = s2;
+    check("prctl(PR_SET_MM_MAP)", r)?;
+    Ok(s)
 }
 
 fn write_cstr(pid: Tid, at: u64, s: &[u8]) -> Result<(), CkError> {

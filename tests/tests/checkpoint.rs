@@ -27,24 +27,12 @@ fn replay_with(b: &Path, log: &Path, extra: &[&str]) -> Output {
         .expect("run hotstandby replay")
 }
 
+/// The checkpoint files in `dir`, oldest first.
 fn checkpoints(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    let pos = n
-                        .strip_prefix("ckpt-")?
-                        .strip_suffix(".hsck")?
-                        .parse()
-                        .ok()?;
-                    Some((pos, e.path()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v.into_iter().map(|(_, p)| p).collect()
+    hotstandby_replayer::checkpoint::list(dir)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect()
 }
 
 fn text(o: &Output) -> String {

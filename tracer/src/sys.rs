@@ -109,8 +109,8 @@ pub fn at_syscall_entry(tid: i32) -> Result<bool, SysError> {
 pub fn get_siginfo(tid: i32) -> Result<[u8; 128], SysError> {
     let si = ptrace::getsiginfo(Pid::from_raw(tid)).map_err(|e| os("PTRACE_GETSIGINFO", tid, e))?;
     let mut out = [0u8; 128];
-    // SAFETY: siginfo_t is a 128-byte plain-old-data struct on x86_64; we
-    // copy exactly its size out of a valid, initialised value.
+    // siginfo_t is a 128-byte plain-old-data struct on x86_64.
+    // SAFETY: we copy exactly its size out of a valid, initialised value.
     unsafe {
         std::ptr::copy_nonoverlapping(
             &si as *const libc::siginfo_t as *const u8,
@@ -273,8 +273,8 @@ pub fn forget(tid: i32) {
 
 /// The time-stamp counter of the supervisor's CPU.
 pub fn rdtsc() -> u64 {
-    // SAFETY: rdtsc has no memory effects; the supervisor is not under
-    // PR_SET_TSC, so it cannot fault.
+    // The supervisor is not under PR_SET_TSC, so rdtsc cannot fault.
+    // SAFETY: rdtsc has no memory effects.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
@@ -630,8 +630,8 @@ pub fn get_xstate(tid: i32) -> Result<Vec<u8>, SysError> {
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
     };
-    // SAFETY: the kernel writes at most iov_len bytes into buf, which
-    // outlives the call, and updates iov_len to what it wrote.
+    // The kernel updates iov_len to what it wrote.
+    // SAFETY: the kernel writes at most iov_len bytes into buf, which outlives the call.
     let r = unsafe {
         libc::ptrace(
             libc::PTRACE_GETREGSET,
@@ -694,8 +694,7 @@ pub fn set_sigmask(tid: i32, mask: u64) -> Result<(), SysError> {
 pub fn get_robust_list(tid: i32) -> Result<(u64, u64), SysError> {
     let mut head: u64 = 0;
     let mut len: usize = 0;
-    // SAFETY: the kernel writes one pointer-sized word into each of head
-    // and len, both live locals.
+    // SAFETY: the kernel writes one word into each of head and len, live locals.
     let r = unsafe {
         libc::syscall(
             libc::SYS_get_robust_list,

@@ -549,15 +549,19 @@ fn primary_with(cfg: Config, ids: &[PeerId], now: Instant) -> Primary {
 /// Standby `id` connects and says hello with no log of its own.
 fn join(p: &mut Primary, id: PeerId, now: Instant) {
     p.handle_connected(id, now);
-    let hello = Message::Hello {
+    p.handle_message(id, standby_hello(), now).unwrap();
+}
+
+/// A standby's hello with no log of its own.
+fn standby_hello() -> Message {
+    Message::Hello {
         version_min: VERSION_MIN,
         version_max: VERSION_MAX,
         role: Role::Standby,
         epoch: 0,
         resume_offset: 0,
         exe_sha256: SHA,
-    };
-    p.handle_message(id, hello, now).unwrap();
+    }
 }
 
 /// Everything the primary has to send now, by standby (log bytes counted).
@@ -750,15 +754,7 @@ fn a_standby_that_needs_deleted_log_gets_the_checkpoint_then_the_log_after_it() 
         checkpoint: None,
     });
     p.handle_connected(2, now);
-    let hello = Message::Hello {
-        version_min: VERSION_MIN,
-        version_max: VERSION_MAX,
-        role: Role::Standby,
-        epoch: 0,
-        resume_offset: 0,
-        exe_sha256: SHA,
-    };
-    assert!(p.handle_message(2, hello, now).is_err());
+    assert!(p.handle_message(2, standby_hello(), now).is_err());
     let refused = std::iter::from_fn(|| p.poll_transmit(now)).any(|(_, t)| {
         matches!(t, Transmit::Stream(Message::Refuse { reason }) if reason.contains("deleted the log"))
     });
